@@ -1,0 +1,280 @@
+"""Typed stage configs: shared sections, one dataclass per stage, YAML then dotted CLI overrides.
+
+    cfg = load_config("configs/sft_tiny.yaml", ["optim.lr=1e-3", "lora.enabled=true"])
+
+Every key is checked against the dataclass fields: an unknown key or a value of the wrong type is a ``ConfigError``
+that names the key and the file (or the command line) it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_DIR = ASSETS / "demo"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face model directory. Nothing is ever downloaded.
+    path: str | None = None
+    # Or build a random-init model from a config: {"model_type": "llama", "hidden_size": 64, ...}.
+    init_config: dict[str, Any] | None = None
+    # Tokenizer directory; defaults to `path`, else the bundled demo tokenizer.
+    tokenizer: str | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Local .jsonl/.json/.parquet files. Rows: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}.
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    # With no eval_files, hold out this fraction of the training rows (seeded split).
+    eval_fraction: float = 0.0
+    max_length: int = 512
+    # right: cut the token sequence at max_length (rows left with no response token are dropped and counted);
+    # left: drop prompt tokens from the left first, then cut the response on the right; error: raise on a long row.
+    truncation: Literal["right", "left", "error"] = "right"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    # micro_batch_size x gradient_accumulation_steps x world_size; checked when set.
+    global_batch_size: int | None = None
+    # Optimizer steps; with max_steps <= 0 the run lasts `epochs` passes over the data.
+    max_steps: int = 0
+    epochs: int = 1
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Module names (suffix match) or one regex (full match on the qualified name); default: attention + MLP.
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Modules trained in full next to the adapters (e.g. a reward head), saved with the adapter.
+    modules_to_save: list[str] = field(default_factory=list)
+    # auto: the fused Triton kernel on CUDA, plain torch elsewhere.
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO/offload knobs only; batch sizes, precision and clipping are filled in from this config.
+    config: str = "configs/deepspeed/zero2.json"
+    zero_stage: int | None = None
+    offload_optimizer: bool | None = None
+    offload_param: bool | None = None
+
+
+@dataclass
+class LoggingConfig:
+    # auto: online when a W&B API key is configured, else offline. disabled: no W&B at all.
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "distributed_pt"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    keep_last: int = 2
+    # auto: the latest complete checkpoint in output_dir/checkpoints, if any; none; or a checkpoint path.
+    resume: str = "auto"
+    export_hf: bool = True
+
+
+@dataclass
+class LossConfig:
+    # auto: the fused Triton LM-head cross-entropy on CUDA, plain torch elsewhere.
+    fused: Literal["auto", "true", "false"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    # Exact-match accuracy by greedy generation on held-out rows (skipped when 0).
+    num_generate: int = 64
+    max_new_tokens: int = 32
+
+
+@dataclass
+class SFTConfig:
+    stage: Literal["sft"] = "sft"
+    output_dir: str = "outputs/sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Read a stage config: YAML file, then ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    stage = raw.get("stage")
+    for item in overrides:
+        if item.startswith("stage="):
+            stage = item.split("=", 1)[1]
+    if stage not in STAGES:
+        raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
+    cls = STAGES[stage]
+    data = _build(cls, raw, prefix="", source=str(path))
+    for item in overrides:
+        _apply_override(data, item)
+    return data
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists to tuples, ints to floats, dicts to dataclasses."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: '{key}' expects {_name(tp)}, got {value!r}")
+    if origin is Literal:
+        # YAML reads true/false as bools; accept them for literals spelled "true"/"false".
+        if isinstance(value, bool) and str(value).lower() in args:
+            return str(value).lower()
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' expects a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{source}: '{key}' expects {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _apply_override(cfg: Any, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"command line: override '{item}' must look like key.sub=value")
+    dotted, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else ""
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(obj, dict):
+            obj = obj.setdefault(part, {})
+            continue
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"command line: unknown key '{'.'.join(parts[: i + 1])}' in override '{item}'")
+        child = getattr(obj, part)
+        if child is None:  # an optional dict section such as model.init_config
+            child = {}
+            setattr(obj, part, child)
+        obj = child
+    last = parts[-1]
+    if isinstance(obj, dict):
+        obj[last] = value
+        return
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if last not in fields:
+        raise ConfigError(f"command line: unknown key '{dotted}' (valid keys here: {', '.join(sorted(fields))})")
+    hint = typing.get_type_hints(type(obj))[last]
+    setattr(obj, last, _coerce(hint, value, dotted, "command line"))
