@@ -1,0 +1,114 @@
+"""DeepSpeed checkpoints that are safe to crash in, exact resume, and export to Hugging Face format.
+
+Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, one ``rng_rank<r>.pt`` per rank) and a
+``latest`` file naming the newest *complete* step. ``latest`` is replaced atomically only after every rank has
+finished writing, so a crash mid-save leaves the previous checkpoint as the one to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distributed_pt.engine.dist import barrier, is_main, print0, rank
+
+LATEST = "latest"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, output_dir: str, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank must call it. Writes step_<step>, then points `latest` at it, then prunes old ones."""
+    root = Path(output_dir) / "checkpoints"
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank()}.pt")
+    barrier()  # every rank's files are on disk before `latest` moves
+    if is_main():
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, root / LATEST)
+        steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name != tag)
+        for _, old in steps[: max(0, len(steps) - (keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return root / tag
+
+
+def find_resume(output_dir: str, resume: str) -> tuple[Path, str] | None:
+    """(checkpoint root, tag) to resume from: `auto` = the latest complete one in output_dir, `none`, or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = Path(output_dir) / "checkpoints"
+        if not (root / LATEST).is_file():
+            return None
+        return root, (root / LATEST).read_text().strip()
+    path = Path(resume)
+    if (path / LATEST).is_file():  # a checkpoints/ directory
+        return path, (path / LATEST).read_text().strip()
+    if path.is_dir() and path.name.startswith("step_"):
+        return path.parent, path.name
+    raise FileNotFoundError(f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory")
+
+
+def load(engine, root: Path, tag: str) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the client state (step, data position)."""
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"could not load DeepSpeed checkpoint {root / tag}")
+    rng_file = root / tag / f"rng_rank{rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    print0(f"resumed from {root / tag} at step {client_state['step']}")
+    return client_state
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU state dict on rank 0 (empty elsewhere), gathering ZeRO-3 partitions one parameter at a time."""
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        ctx = nullcontext()
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+        with ctx:
+            if is_main():
+                state[name] = p.detach().cpu().clone()
+    if is_main():
+        state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name not in state})
+    return state
+
+
+def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
+    """Collective: write a Hugging Face model directory (safetensors + config + tokenizer) from rank 0."""
+    out = Path(out_dir)
+    module = engine.module
+    state = gathered_state_dict(module)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    barrier()
+    return out

@@ -1,0 +1,130 @@
+"""Build the DeepSpeed config from `configs/deepspeed/*.json` + the stage config, and initialize the engine.
+
+The JSON holds ZeRO and offload knobs only. Batch sizes, precision, clipping and the optimizer come from the stage
+config, so the two can never disagree silently: a batch size set in the JSON that differs is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distributed_pt.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository root (so configs work from any working directory)."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def build_ds_config(
+    ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, dtype: str, world_size: int
+) -> dict[str, Any]:
+    path = resolve_path(ds.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {ds.config}")
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    if train.global_batch_size is not None and train.global_batch_size != global_batch:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} but micro_batch_size ({train.micro_batch_size}) x "
+            f"gradient_accumulation_steps ({train.gradient_accumulation_steps}) x world size ({world_size}) "
+            f"= {global_batch}"
+        )
+    batch = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": global_batch,
+    }
+    for key, value in batch.items():
+        if key in conf and conf[key] not in (value, "auto"):
+            raise ConfigError(f"{path}: '{key}'={conf[key]} disagrees with the stage config ({value}); remove it")
+    conf.update(batch)
+
+    zero = conf.setdefault("zero_optimization", {})
+    if ds.zero_stage is not None:
+        zero["stage"] = ds.zero_stage
+    if ds.offload_optimizer is not None:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True} if ds.offload_optimizer else {"device": "none"}
+    if ds.offload_param is not None:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True} if ds.offload_param else {"device": "none"}
+    if _offloaded(zero, "offload_param") and zero.get("stage", 0) != 3:
+        raise ConfigError(f"{path}: parameter offload needs ZeRO stage 3 (stage is {zero.get('stage', 0)})")
+    if zero.get("stage", 0) == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+
+    conf["bf16"] = {"enabled": dtype == "bf16"}
+    conf["fp16"] = {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    conf["gradient_clipping"] = optim.grad_clip
+    conf.setdefault("steps_per_print", 10**9)  # we log ourselves
+    conf["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay},
+    }
+    # Off GPU and without offload, DeepSpeed's FusedAdam cannot run: use torch's AdamW through DeepSpeed.
+    if not torch.cuda.is_available() and not _offloaded(zero, "offload_optimizer"):
+        conf["optimizer"]["params"]["torch_adam"] = True
+    return conf
+
+
+def _offloaded(zero: dict, key: str) -> bool:
+    return zero.get(key, {}).get("device", "none") not in ("none", None)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases and norm weights (any parameter with ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Linear warm-up to lr, then cosine/linear decay to lr * min_lr_ratio (or constant) at `total_steps`."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.scheduler == "cosine" else 1 - progress
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+    return f
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int):
+    """`deepspeed.initialize` with decay/no-decay groups and our warm-up + decay schedule. Returns the engine."""
+    import deepspeed
+
+    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        # FusedAdam JIT-builds for the archs listed here; unset, DeepSpeed mis-parses some device names.
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    schedule = lr_lambda(optim, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine

@@ -1,0 +1,76 @@
+"""Seeding and the per-step training metrics: loss, lr, grad norm, tokens/s, MFU (GPU), peak memory."""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+
+from distributed_pt.engine import dist
+
+# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor figures, no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by torch, or this process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    """All parameters, counting ZeRO-3 partitioned ones at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+class StepTimer:
+    """Accumulates loss and token counts between log points; `flush` reduces them over ranks into metrics."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.n_params = num_parameters(engine.module)
+        self.peak = peak_flops()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(3)  # loss sum over micro batches, micro batches, tokens
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.sums += torch.tensor([loss.float().item(), 1.0, float(tokens)])
+
+    def flush(self) -> dict[str, float]:
+        loss_sum, n, tokens = dist.all_reduce_sum(self.sums).tolist()
+        elapsed = time.perf_counter() - self.start
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss_sum / max(n, 1),
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens / elapsed,
+            "peak_mem_gib": peak_memory_gib(),
+        }
+        if self.peak:
+            # 6 FLOPs per parameter per token (forward + backward), over the whole job's peak.
+            metrics["mfu"] = 6 * self.n_params * metrics["tokens_per_s"] / (self.peak * dist.world_size())
+        self._reset()
+        return metrics

@@ -1,0 +1,103 @@
+"""Run logging on rank 0: `metrics.jsonl` always, W&B when enabled, a short console line.
+
+W&B mode `auto` is online when an API key is configured (`wandb login` or WANDB_API_KEY) and offline otherwise;
+`disabled` never imports wandb (so runs work where it is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from distributed_pt.config import LoggingConfig
+from distributed_pt.engine.dist import is_main, print0
+
+
+def wandb_mode(cfg: LoggingConfig) -> str:
+    if cfg.wandb_mode != "auto":
+        return cfg.wandb_mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
+class RunLogger:
+    """Writes one JSON object per `log` call to output_dir/metrics.jsonl and to W&B (rank 0 only)."""
+
+    def __init__(self, cfg: LoggingConfig, output_dir: str, config: dict[str, Any], resume_step: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.run = None
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step and self.path.exists():
+            # Drop what a crashed run logged after the checkpoint we resume from: the curve stays one curve.
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        mode = wandb_mode(cfg)
+        if mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                print0("wandb is not installed: logging to metrics.jsonl only")
+                return
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.run_name,
+                tags=cfg.tags,
+                config=config,
+                dir=output_dir,
+                mode=mode,
+                resume="allow",
+                id=_run_id(output_dir),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int, console: bool = True) -> None:
+        if not is_main():
+            return
+        record = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if console:
+            print0(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if is_main() and self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if is_main() and self.run is not None:
+            self.run.summary.update(values)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _run_id(output_dir: str) -> str:
+    """A W&B run id stored in the output dir, so a resumed run continues the same W&B run."""
+    path = Path(output_dir) / "wandb_run_id"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)

@@ -1,0 +1,212 @@
+"""Supervised fine-tuning: next-token loss on response tokens only, on DeepSpeed ZeRO.
+
+    deepspeed --num_gpus 8 --module distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
+    python -m distributed_pt.train configs/sft_tiny.yaml            # one process
+
+Recipe: init distributed → seed → tokenizer/model → data → deepspeed.initialize → (resume) → loop → save/export.
+Outputs in `output_dir`: config.yaml, metrics.jsonl, checkpoints/, final/ (HF model), summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from distributed_pt import checkpoint
+from distributed_pt.config import SFTConfig, save_config, to_dict
+from distributed_pt.data.collate import ShardedBatches, collate, left_pad
+from distributed_pt.data.sft import encode_prompt, load_sft_data
+from distributed_pt.engine import dist
+from distributed_pt.engine.deepspeed import build_ds_config, initialize
+from distributed_pt.engine.metrics import StepTimer, peak_memory_gib, set_seed
+from distributed_pt.logging import RunLogger
+from distributed_pt.losses.sft import causal_lm_loss
+from distributed_pt.models.loading import load_model, load_tokenizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class State:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro batches consumed (data position)
+    stop_requested: list[bool] = field(default_factory=lambda: [False])
+
+
+def main(cfg: SFTConfig) -> dict:
+    dist.init_distributed()
+    set_seed(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_set, eval_rows, stats = load_sft_data(tokenizer, cfg.data, cfg.train.seed)
+    dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
+    model = load_model(cfg.model, tokenizer)
+
+    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches.per_epoch // cfg.train.gradient_accumulation_steps)
+    ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
+    engine = initialize(model, ds_config, cfg.optim, total_steps)
+
+    state = State()
+    resume = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
+    if resume is not None:
+        client = checkpoint.load(engine, *resume)
+        state.step, state.micro_step = client["step"], client["micro_step"]
+    logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
+    signal.signal(signal.SIGTERM, lambda *_: state.stop_requested.__setitem__(0, True))
+
+    first_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg) if state.step == 0 else {}
+    if first_eval:
+        logger.log(first_eval, step=0)
+    try:
+        train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps)
+    except TrainingError as e:
+        dist.print0(f"error: {e}")
+        logger.close()
+        dist.destroy()
+        sys.exit(1)
+    if state.stop_requested[0]:
+        dist.print0(f"SIGTERM: saved a checkpoint at step {state.step}; resume with checkpoint.resume=auto")
+        logger.close()
+        dist.destroy()
+        sys.exit(143)
+
+    final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg)
+    logger.log(final_eval, step=state.step)
+    save(engine, cfg, state)
+    if cfg.checkpoint.export_hf:
+        checkpoint.export_hf(engine, tokenizer, out / "final")
+    summary = {"stage": "sft", "steps": state.step, "before": first_eval, "after": final_eval}
+    if dist.is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.summary(final_eval)
+    logger.close()
+    dist.destroy()
+    return summary
+
+
+def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps) -> None:
+    gas = cfg.train.gradient_accumulation_steps
+    micro_batches = batches.iterate(state.micro_step)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main() and cfg.logging.progress_bar))
+    timer = StepTimer(engine)
+    while state.step < total_steps:
+        for _ in range(gas):
+            state.micro_step, indices = next(micro_batches)
+            batch = collate([train_set[i] for i in indices], tokenizer.pad_token_id).to(engine.device)
+            loss = causal_lm_loss(engine, batch.input_ids, batch.attention_mask, batch.labels)
+            check_finite(loss, state.step + 1)
+            engine.backward(loss)
+            engine.step()
+            timer.add(loss.detach(), batch.num_tokens)
+        state.step += 1
+        state.micro_step += 1
+        bar.update(1)
+        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+            metrics = timer.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
+            logger.log(evaluate(engine, eval_set, eval_rows, tokenizer, cfg), step=state.step)
+        stop = stop_agreed(state.stop_requested[0])
+        if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
+            save(engine, cfg, state)
+        if stop:
+            state.stop_requested[0] = True
+            break
+    bar.close()
+
+
+def save(engine, cfg: SFTConfig, state: State) -> None:
+    client = {"step": state.step, "micro_step": state.micro_step}
+    checkpoint.save(engine, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop every rank together, before backward, if any rank's loss is NaN/inf (the last checkpoint stays clean)."""
+    bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    if bad.item() > 0:
+        raise TrainingError(f"non-finite loss at step {step} on {int(bad.item())} rank(s); stopping")
+
+
+def stop_agreed(local: bool) -> bool:
+    """True on every rank when any rank got SIGTERM."""
+    return dist.all_reduce_sum(torch.tensor([float(local)])).item() > 0
+
+
+@torch.no_grad()
+def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig) -> dict:
+    """Eval loss/perplexity over the eval set and greedy exact-match accuracy on the first eval rows.
+
+    Each rank takes an equal share (a remainder of fewer than world-size examples is left out) so that ZeRO-3's
+    collective parameter gathers stay in step across ranks.
+    """
+    if not eval_set:
+        return {}
+    engine.eval()
+    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
+    mine = eval_set[rank : len(eval_set) // world * world : world]
+    totals = torch.zeros(2)
+    for i in range(0, len(mine), mbs):
+        b = collate(mine[i : i + mbs], tokenizer.pad_token_id).to(engine.device)
+        n = (b.labels[:, 1:] != -100).sum()
+        loss = causal_lm_loss(engine.module, b.input_ids, b.attention_mask, b.labels)
+        totals += torch.stack([loss.float().cpu() * n.cpu(), n.cpu().float()])
+    loss_sum, tokens = dist.all_reduce_sum(totals).tolist()
+    metrics = {"eval/loss": loss_sum / max(tokens, 1)}
+    metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
+    if cfg.eval.num_generate > 0:
+        metrics["eval/exact_match"] = exact_match(engine, eval_rows[: cfg.eval.num_generate], tokenizer, cfg)
+    engine.train()
+    return metrics
+
+
+def exact_match(engine, rows, tokenizer, cfg: SFTConfig) -> float:
+    """Greedy generation from each row's prompt; the fraction whose response equals the reference (whitespace-
+    normalised). Chat rows: the prompt is every message before the last assistant one, which is the reference."""
+    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
+    mine = rows[rank : len(rows) // world * world : world]
+    zero3 = engine.zero_optimization_stage() == 3
+    hits = torch.zeros(2)
+    for i in range(0, len(mine), mbs):
+        prompts, refs = zip(*(prompt_and_reference(r.data) for r in mine[i : i + mbs]), strict=True)
+        ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+        out = engine.module.generate(
+            input_ids=ids.to(engine.device),
+            attention_mask=mask.to(engine.device),
+            max_new_tokens=cfg.eval.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=zero3,  # ranks keep stepping together until all are done
+        )
+        texts = tokenizer.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
+        hits += torch.tensor([sum(_norm(t) == _norm(r) for t, r in zip(texts, refs, strict=True)), len(refs)])
+    correct, total = dist.all_reduce_sum(hits).tolist()
+    return correct / max(total, 1)
+
+
+def prompt_and_reference(row: dict):
+    if "messages" in row:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        return row["messages"][:last], row["messages"][last]["content"]
+    return row["prompt"], row["response"]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())

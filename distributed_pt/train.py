@@ -1,0 +1,47 @@
+"""Entry point for every stage: the config's `stage` key picks the recipe.
+
+    deepspeed --num_gpus 8 --module distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
+    python -m distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _offline_defaults() -> None:
+    # Nothing is downloaded at run time; datasets would otherwise make a DNS lookup per load.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="distributed_pt.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="stage config YAML (configs/sft_*.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 lora.enabled=true")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by `deepspeed`
+    args = parser.parse_args(argv)
+    _offline_defaults()
+
+    from distributed_pt.config import ConfigError, load_config
+    from distributed_pt.data.io import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from distributed_pt.stages import sft
+
+        {"sft": sft.main}[cfg.stage](cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
