@@ -1,0 +1,123 @@
+"""SFT end to end through the real `deepspeed` launcher on 2 CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import DEMO, ROOT, TINY_SFT, env, launch_cmd, read_metrics, run_launcher, train_losses
+
+CONFIG = ROOT / "configs" / "sft_tiny.yaml"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def zero3_config(tmp_path_factory) -> Path:
+    """ZeRO-3 with every parameter partitioned (the default persistence threshold would keep a tiny model whole)."""
+    conf = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    path.write_text(json.dumps(conf))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sft_zero2")
+    overrides = [*TINY_SFT, f"output_dir={out}", f"train.max_steps={STEPS}", "checkpoint.save_every=6"]
+    run_launcher(CONFIG, [*overrides, "deepspeed.config=configs/deepspeed/zero2.json"])
+    return out
+
+
+def _assert_learns(out: Path) -> None:
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < 0.85 * first, losses
+    evals = [m for m in read_metrics(out) if "eval/loss" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == STEPS
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+
+
+def test_zero2_two_ranks_loss_falls_and_exports(zero2_run):
+    _assert_learns(zero2_run)
+    # The resolved config and the checkpoints are beside the metrics; `latest` names the newest complete one.
+    assert (zero2_run / "config.yaml").is_file()
+    assert (zero2_run / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
+    # The HF export reloads with plain transformers and generates.
+    model = AutoModelForCausalLM.from_pretrained(zero2_run / "final")
+    tok = AutoTokenizer.from_pretrained(zero2_run / "final")
+    ids = tok("reverse : cat dog =", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_zero3_two_ranks_loss_falls_and_export_is_whole(tmp_path, zero3_config):
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
+    run_launcher(CONFIG, overrides)
+    _assert_learns(tmp_path)
+    # Exported from partitioned parameters: every tensor has its full shape and matches the checkpoint's fp32 weights.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"))
+    for name, p in model.named_parameters():
+        assert p.numel() > 0
+        torch.testing.assert_close(p, consolidated[name].to(p.dtype))
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, zero2_run):
+    """Stop a run with SIGTERM mid-way, resume it, and get the uninterrupted run's loss curve exactly."""
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", "checkpoint.save_every=6"]
+    # Its own process group, signalled as a whole: what Slurm preemption or a cluster scheduler does.
+    proc = subprocess.Popen(
+        launch_cmd(CONFIG, overrides), cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "a run stopped by SIGTERM must not report success"
+    stopped_at = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 1 <= stopped_at < STEPS, stdout[-3000:]
+
+    run_launcher(CONFIG, overrides)  # checkpoint.resume=auto
+    resumed, reference = train_losses(tmp_path), train_losses(zero2_run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
+    cases = {
+        f"data.train_files=[{bad}]": f"{bad}:2: malformed JSON",
+        "optim.learning_rate=1": "unknown key 'optim.learning_rate'",
+        "model.path=/does/not/exist": "model.path: '/does/not/exist' is not a local directory",
+        "train.global_batch_size=7": "train.global_batch_size=7",
+    }
+    for override, message in cases.items():
+        proc = run_launcher(CONFIG, [*TINY_SFT, f"output_dir={tmp_path}", override], nproc=1, check=False)
+        assert proc.returncode != 0
+        assert message in proc.stderr + proc.stdout, (override, proc.stderr[-2000:])
+
+
+def test_demo_config_is_the_documented_default():
+    from distributed_pt.config import load_config
+
+    cfg = load_config(CONFIG)
+    assert cfg.data.train_files == ["distributed_pt/assets/demo/sft_train.jsonl"]
+    assert (ROOT / cfg.data.train_files[0]).is_file() and (DEMO / "tokenizer").is_dir()
