@@ -69,7 +69,9 @@ def find_resume(output_dir: str, resume: str) -> tuple[Path, str] | None:
         return path, (path / LATEST).read_text().strip()
     if path.is_dir() and path.name.startswith("step_"):
         return path.parent, path.name
-    raise FileNotFoundError(f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory")
+    raise FileNotFoundError(
+        f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory"
+    )
 
 
 def load(engine, root: Path, tag: str) -> dict[str, Any]:

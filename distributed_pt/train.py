@@ -1,7 +1,7 @@
 """Entry point for every stage: the config's `stage` key picks the recipe.
 
-    deepspeed --num_gpus 8 --module distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
-    python -m distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
+deepspeed --num_gpus 8 --module distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
+python -m distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
 """
 
 from __future__ import annotations

@@ -101,7 +101,9 @@ def _encode_chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int]
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end_ids = render_chat(tokenizer, messages[: i + 1])
         if ids[: len(end_ids)] != end_ids:
-            raise DataError(f"{where}: the chat template does not render a conversation as a prefix of its continuation")
+            raise DataError(
+                f"{where}: the chat template does not render a conversation as a prefix of its continuation"
+            )
         labels[start : len(end_ids)] = ids[start : len(end_ids)]
     return ids, labels
 

@@ -59,7 +59,9 @@ def build_ds_config(
     if ds.zero_stage is not None:
         zero["stage"] = ds.zero_stage
     if ds.offload_optimizer is not None:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True} if ds.offload_optimizer else {"device": "none"}
+        zero["offload_optimizer"] = (
+            {"device": "cpu", "pin_memory": True} if ds.offload_optimizer else {"device": "none"}
+        )
     if ds.offload_param is not None:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True} if ds.offload_param else {"device": "none"}
     if _offloaded(zero, "offload_param") and zero.get("stage", 0) != 3:

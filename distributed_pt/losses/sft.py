@@ -19,7 +19,9 @@ def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     Returns 0 (not NaN) when every target is ignored.
     """
     targets = shift_labels(labels).reshape(-1)
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return losses / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 

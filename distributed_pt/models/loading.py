@@ -53,7 +53,9 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
     if cfg.path is not None:
         if cfg.init_config:
             raise ConfigError("model: set either 'path' (a pretrained model) or 'init_config' (random init), not both")
-        model = AutoModelForCausalLM.from_pretrained(_local_dir(cfg.path, "model.path"), local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            _local_dir(cfg.path, "model.path"), local_files_only=True, **kwargs
+        )
     elif cfg.init_config:
         model = AutoModelForCausalLM.from_config(build_config(cfg.init_config, tokenizer), **kwargs)
     else:

@@ -13,7 +13,6 @@ import json
 import math
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from distributed_pt.data.collate import ShardedBatches, collate, left_pad
 from distributed_pt.data.sft import encode_prompt, load_sft_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
-from distributed_pt.engine.metrics import StepTimer, peak_memory_gib, set_seed
+from distributed_pt.engine.metrics import StepTimer, set_seed
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.sft import causal_lm_loss
 from distributed_pt.models.loading import load_model, load_tokenizer
@@ -58,7 +57,9 @@ def main(cfg: SFTConfig) -> dict:
     model = load_model(cfg.model, tokenizer)
 
     batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches.per_epoch // cfg.train.gradient_accumulation_steps)
+    total_steps = cfg.train.max_steps or max(
+        1, cfg.train.epochs * batches.per_epoch // cfg.train.gradient_accumulation_steps
+    )
     ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
     engine = initialize(model, ds_config, cfg.optim, total_steps)
 
