@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="distributed_pt",
+    version="0.1.0",
+    description="Post-training (SFT, reward modelling, PPO) of Hugging Face causal LMs on DeepSpeed ZeRO, "
+    "with LoRA and Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distributed_pt", "distributed_pt.*", "kernels", "kernels.*"]),
+    package_data={"distributed_pt": ["assets/demo/*.jsonl", "assets/demo/tokenizer/*"]},
+    # torch is left unpinned: GPU clusters bring their own CUDA build (see the README for the CPU install).
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.56",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "wandb>=0.19",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+        "numpy>=1.26",
+        "triton>=3.6; platform_system=='Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "peft>=0.15", "matplotlib>=3.8", "ruff>=0.6"],
+        "bench": ["matplotlib>=3.8", "peft>=0.15"],
+        "flash": ["flash-attn>=2.6"],
+    },
+)
