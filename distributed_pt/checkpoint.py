@@ -103,11 +103,15 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
-    """Collective: write a Hugging Face model directory (safetensors + config + tokenizer) from rank 0."""
+def export_hf(engine, tokenizer, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: write a Hugging Face model directory (safetensors + config + tokenizer) from rank 0.
+
+    `state` replaces the module's own (gathered) state dict, e.g. LoRA-merged weights.
+    """
     out = Path(out_dir)
     module = engine.module
-    state = gathered_state_dict(module)
+    if state is None:
+        state = gathered_state_dict(module)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         module.save_pretrained(out, state_dict=state, safe_serialization=True)

@@ -42,6 +42,14 @@ def num_parameters(module: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
+def optimizer_state_mib(optimizer) -> float:
+    """MiB of optimizer state (Adam moments) held on this rank, read from the innermost torch optimizer."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    tensors = (t for st in getattr(optimizer, "state", {}).values() for t in st.values() if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 class StepTimer:
     """Accumulates loss and token counts between log points; `flush` reduces them over ranks into metrics."""
 
@@ -68,6 +76,7 @@ class StepTimer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens / elapsed,
             "peak_mem_gib": peak_memory_gib(),
+            "optim_state_mib": optimizer_state_mib(self.engine.optimizer),
         }
         if self.peak:
             # 6 FLOPs per parameter per token (forward + backward), over the whole job's peak.

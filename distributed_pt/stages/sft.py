@@ -29,6 +29,13 @@ from distributed_pt.engine.metrics import StepTimer, set_seed
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.sft import causal_lm_loss
 from distributed_pt.models.loading import load_model, load_tokenizer
+from distributed_pt.models.lora import (
+    apply_lora,
+    count_trainable,
+    merged_state_dict,
+    prepare_for_gradient_checkpointing,
+    save_adapter,
+)
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +62,13 @@ def main(cfg: SFTConfig) -> dict:
     train_set, eval_set, eval_rows, stats = load_sft_data(tokenizer, cfg.data, cfg.train.seed)
     dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
     model = load_model(cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        targets = apply_lora(model, cfg.lora)
+        if cfg.model.gradient_checkpointing:
+            prepare_for_gradient_checkpointing(model)
+        dist.print0(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {len(targets)} layers")
+    trainable, total = count_trainable(model)
+    dist.print0(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
     batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.max_steps or max(
@@ -91,7 +105,7 @@ def main(cfg: SFTConfig) -> dict:
     logger.log(final_eval, step=state.step)
     save(engine, cfg, state)
     if cfg.checkpoint.export_hf:
-        checkpoint.export_hf(engine, tokenizer, out / "final")
+        export(engine, tokenizer, cfg, out / "final")
     summary = {"stage": "sft", "steps": state.step, "before": first_eval, "after": final_eval}
     if dist.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -136,6 +150,15 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
 def save(engine, cfg: SFTConfig, state: State) -> None:
     client = {"step": state.step, "micro_step": state.micro_step}
     checkpoint.save(engine, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
+
+
+def export(engine, tokenizer, cfg: SFTConfig, out: Path) -> None:
+    """The HF model (LoRA merged in), and with LoRA the adapter alone in PEFT's format under `adapter/`."""
+    if not cfg.lora.enabled:
+        checkpoint.export_hf(engine, tokenizer, out)
+        return
+    save_adapter(engine, out / "adapter", cfg.lora, base_model_name_or_path=cfg.model.path)
+    checkpoint.export_hf(engine, tokenizer, out, state=merged_state_dict(engine))
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

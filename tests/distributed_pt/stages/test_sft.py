@@ -121,3 +121,51 @@ def test_demo_config_is_the_documented_default():
     cfg = load_config(CONFIG)
     assert cfg.data.train_files == ["distributed_pt/assets/demo/sft_train.jsonl"]
     assert (ROOT / cfg.data.train_files[0]).is_file() and (DEMO / "tokenizer").is_dir()
+
+
+def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_config):
+    """LoRA SFT from a saved base under ZeRO-3: the adapter is whole, PEFT loads it, and it equals the merged export."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(DEMO / "tokenizer")
+    torch.manual_seed(0)
+    base_cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    LlamaForCausalLM(base_cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    overrides = [
+        *TINY_SFT,
+        "model.init_config=null",
+        f"model.path={tmp_path / 'base'}",
+        f"output_dir={out}",
+        "train.max_steps=4",
+        "lora.enabled=true",
+        "lora.r=4",
+        f"deepspeed.config={zero3_config}",
+    ]
+    run_launcher(CONFIG, overrides)
+    adapter = out / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k), "lora_B never trained"
+
+    ids = tok(["sort : b a c =", "add : 1 + 2 ="], return_tensors="pt", padding=True)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter)
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**ids).logits, merged(**ids).logits, rtol=1e-4, atol=1e-4)
