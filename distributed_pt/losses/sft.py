@@ -25,7 +25,13 @@ def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return losses / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-    """Forward a causal LM and return the masked mean loss over response tokens."""
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, fused: bool):
+    """Forward a causal LM and return the masked mean loss over response tokens.
+
+    fused: the model went through `models.fused_loss.enable_fused_loss`; the loss comes from the LM head kernel
+    without materialising logits.
+    """
+    if fused:
+        return model(input_ids=input_ids, attention_mask=attention_mask, fused_labels=labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return masked_token_mean(logits, labels)

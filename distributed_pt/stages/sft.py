@@ -28,6 +28,7 @@ from distributed_pt.engine.deepspeed import build_ds_config, initialize
 from distributed_pt.engine.metrics import StepTimer, set_seed
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.sft import causal_lm_loss
+from distributed_pt.models.fused_loss import enable_fused_loss, use_fused_loss
 from distributed_pt.models.loading import load_model, load_tokenizer
 from distributed_pt.models.lora import (
     apply_lora,
@@ -67,6 +68,8 @@ def main(cfg: SFTConfig) -> dict:
         if cfg.model.gradient_checkpointing:
             prepare_for_gradient_checkpointing(model)
         dist.print0(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {len(targets)} layers")
+    fused = use_fused_loss(cfg.loss.fused) and enable_fused_loss(model)
+    dist.print0(f"loss: {'fused LM-head cross-entropy (Triton)' if fused else 'logits + torch cross-entropy'}")
     trainable, total = count_trainable(model)
     dist.print0(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -85,11 +88,11 @@ def main(cfg: SFTConfig) -> dict:
     logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
     signal.signal(signal.SIGTERM, lambda *_: state.stop_requested.__setitem__(0, True))
 
-    first_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg) if state.step == 0 else {}
+    first_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused) if state.step == 0 else {}
     if first_eval:
         logger.log(first_eval, step=0)
     try:
-        train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps)
+        train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused)
     except TrainingError as e:
         dist.print0(f"error: {e}")
         logger.close()
@@ -101,7 +104,7 @@ def main(cfg: SFTConfig) -> dict:
         dist.destroy()
         sys.exit(143)
 
-    final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg)
+    final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused)
     logger.log(final_eval, step=state.step)
     save(engine, cfg, state)
     if cfg.checkpoint.export_hf:
@@ -115,7 +118,7 @@ def main(cfg: SFTConfig) -> dict:
     return summary
 
 
-def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps) -> None:
+def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused) -> None:
     gas = cfg.train.gradient_accumulation_steps
     micro_batches = batches.iterate(state.micro_step)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main() and cfg.logging.progress_bar))
@@ -124,7 +127,7 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
         for _ in range(gas):
             state.micro_step, indices = next(micro_batches)
             batch = collate([train_set[i] for i in indices], tokenizer.pad_token_id).to(engine.device)
-            loss = causal_lm_loss(engine, batch.input_ids, batch.attention_mask, batch.labels)
+            loss = causal_lm_loss(engine, batch.input_ids, batch.attention_mask, batch.labels, fused)
             check_finite(loss, state.step + 1)
             engine.backward(loss)
             engine.step()
@@ -137,7 +140,7 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
-            logger.log(evaluate(engine, eval_set, eval_rows, tokenizer, cfg), step=state.step)
+            logger.log(evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused), step=state.step)
         stop = stop_agreed(state.stop_requested[0])
         if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
             save(engine, cfg, state)
@@ -174,7 +177,7 @@ def stop_agreed(local: bool) -> bool:
 
 
 @torch.no_grad()
-def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig) -> dict:
+def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig, fused: bool) -> dict:
     """Eval loss/perplexity over the eval set and greedy exact-match accuracy on the first eval rows.
 
     Each rank takes an equal share (a remainder of fewer than world-size examples is left out) so that ZeRO-3's
@@ -189,7 +192,7 @@ def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig) -> dict:
     for i in range(0, len(mine), mbs):
         b = collate(mine[i : i + mbs], tokenizer.pad_token_id).to(engine.device)
         n = (b.labels[:, 1:] != -100).sum()
-        loss = causal_lm_loss(engine.module, b.input_ids, b.attention_mask, b.labels)
+        loss = causal_lm_loss(engine.module, b.input_ids, b.attention_mask, b.labels, fused)
         totals += torch.stack([loss.float().cpu() * n.cpu(), n.cpu().float()])
     loss_sum, tokens = dist.all_reduce_sum(totals).tolist()
     metrics = {"eval/loss": loss_sum / max(tokens, 1)}

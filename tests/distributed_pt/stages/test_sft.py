@@ -60,18 +60,37 @@ def test_zero2_two_ranks_loss_falls_and_exports(zero2_run):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_zero3_two_ranks_loss_falls_and_export_is_whole(tmp_path, zero3_config):
-    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
-    run_launcher(CONFIG, overrides)
-    _assert_learns(tmp_path)
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, zero3_config) -> Path:
+    out = tmp_path_factory.mktemp("sft_zero3")
+    run_launcher(
+        CONFIG, [*TINY_SFT, f"output_dir={out}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
+    )
+    return out
+
+
+def test_zero3_two_ranks_loss_falls_and_export_is_whole(zero3_run):
+    _assert_learns(zero3_run)
     # Exported from partitioned parameters: every tensor has its full shape and matches the checkpoint's fp32 weights.
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    model = AutoModelForCausalLM.from_pretrained(zero3_run / "final")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"))
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(zero3_run / "checkpoints"))
     for name, p in model.named_parameters():
         assert p.numel() > 0
         torch.testing.assert_close(p, consolidated[name].to(p.dtype))
+
+
+def test_fused_loss_under_zero3_matches_plain_loss(tmp_path, zero3_config, zero3_run, monkeypatch):
+    """The fused LM-head kernel (interpreted on CPU), head weight partitioned by ZeRO-3, trains the same curve."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
+    proc = run_launcher(CONFIG, [*overrides, "loss.fused=true", "eval.num_generate=0"])
+    assert "fused LM-head cross-entropy" in proc.stdout
+    fused, plain = train_losses(tmp_path), train_losses(zero3_run)
+    assert sorted(fused) == sorted(plain)
+    for step in plain:
+        assert fused[step] == pytest.approx(plain[step], rel=1e-3), (step, fused, plain)
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, zero2_run):
@@ -113,6 +132,14 @@ def test_bad_input_gives_clear_errors(tmp_path):
         proc = run_launcher(CONFIG, [*TINY_SFT, f"output_dir={tmp_path}", override], nproc=1, check=False)
         assert proc.returncode != 0
         assert message in proc.stderr + proc.stdout, (override, proc.stderr[-2000:])
+
+
+def test_non_finite_loss_stops_every_rank_naming_the_step(tmp_path):
+    # An absurd learning rate blows the weights up after the first update: step 2's loss is inf/NaN.
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", "train.max_steps=5", "optim.lr=1e20", "optim.warmup_steps=0"]
+    proc = run_launcher(CONFIG, overrides, check=False, timeout=180)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 2" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_demo_config_is_the_documented_default():
