@@ -99,7 +99,10 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if is_main():
                 state[name] = p.detach().cpu().clone()
     if is_main():
-        state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name not in state})
+        persistent = module.state_dict(keep_vars=True).keys()  # leaves out non-persistent buffers (rotary inv_freq)
+        state.update(
+            {n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent and n not in state}
+        )
     return state
 
 

@@ -46,8 +46,8 @@ class DataConfig:
     # With no eval_files, hold out this fraction of the training rows (seeded split).
     eval_fraction: float = 0.0
     max_length: int = 512
-    # right: cut the token sequence at max_length (rows left with no response token are dropped and counted);
-    # left: drop prompt tokens from the left first, then cut the response on the right; error: raise on a long row.
+    # right: keep the first max_length tokens (rows left with no response token are dropped and counted);
+    # left: keep the last max_length tokens (drops the start of the prompt); error: a long row is an error.
     truncation: Literal["right", "left", "error"] = "right"
 
 
@@ -203,7 +203,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; convert lists to tuples, ints to floats, dicts to dataclasses."""
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", source)
+        return _build(tp, {} if value is None else value, key + ".", source)  # an empty section keeps defaults
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -251,6 +251,10 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _accepts_dict(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict or any(typing.get_origin(a) is dict for a in typing.get_args(tp))
+
+
 def _apply_override(cfg: Any, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"command line: override '{item}' must look like key.sub=value")
@@ -265,9 +269,11 @@ def _apply_override(cfg: Any, item: str) -> None:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
             raise ConfigError(f"command line: unknown key '{'.'.join(parts[: i + 1])}' in override '{item}'")
         child = getattr(obj, part)
-        if child is None:  # an optional dict section such as model.init_config
-            child = {}
+        if child is None and _accepts_dict(typing.get_type_hints(type(obj))[part]):
+            child = {}  # an optional dict section such as model.init_config
             setattr(obj, part, child)
+        if not (isinstance(child, dict) or dataclasses.is_dataclass(child)):
+            raise ConfigError(f"command line: '{'.'.join(parts[: i + 1])}' has no sub-keys (override '{item}')")
         obj = child
     last = parts[-1]
     if isinstance(obj, dict):

@@ -37,7 +37,7 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.exists():
             # Drop what a crashed run logged after the checkpoint we resume from: the curve stays one curve.
-            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -85,6 +85,14 @@ class RunLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a partial line left by a crash mid-write counts as past any checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def _run_id(output_dir: str) -> str:

@@ -40,24 +40,31 @@ def read_rows(paths: list[str]) -> list[Row]:
 
 
 def _read_jsonl(p: Path) -> list[Row]:
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not valid UTF-8 ({e.reason})") from None
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
-            rows.append(Row(obj, f"{p}:{lineno}"))
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+        rows.append(Row(obj, f"{p}:{lineno}"))
     return rows
 
 
 def _read_json(p: Path) -> list[Row]:
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):

@@ -98,6 +98,8 @@ def _encode_chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int]
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if i == 0:
+            raise DataError(f"{where}: the conversation starts with an assistant message (nothing to respond to)")
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end_ids = render_chat(tokenizer, messages[: i + 1])
         if ids[: len(end_ids)] != end_ids:

@@ -66,7 +66,10 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
             f"({len(tokenizer)}); they do not belong together"
         )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
@@ -82,5 +85,5 @@ def build_config(init_config: dict, tokenizer: PreTrainedTokenizerBase):
         fields.setdefault(name, getattr(tokenizer, name))
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # transformers 5 validates configs with huggingface_hub's own error types
         raise ConfigError(f"model.init_config: {e}") from e

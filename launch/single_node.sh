@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train on one machine: every GPU it has, or 2 CPU ranks (gloo) when it has none.
+#
+#   launch/single_node.sh CONFIG [key.sub=value ...]
+#   launch/single_node.sh configs/sft_tiny.yaml train.max_steps=100 output_dir=outputs/try
+#   NUM_GPUS=4 MASTER_PORT=29611 launch/single_node.sh configs/sft_tiny.yaml
+#
+# Runs: deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT --module distributed_pt.train CONFIG [overrides]
+#
+# Environment (all optional):
+#   NUM_GPUS      ranks to start. Default: the GPUs `nvidia-smi -L` lists (or those in CUDA_VISIBLE_DEVICES, which
+#                 are then passed as --include so the chosen devices are used), else 2 CPU ranks.
+#   MASTER_PORT   rendezvous port, default 29500; give each concurrent job on a machine its own.
+#   DEEPSPEED     launcher command, default `deepspeed`; e.g. "python -m deepspeed.launcher.runner" for a given venv.
+#   DS_ARGS       extra launcher flags, word-split, e.g. "--bind_cores_to_rank" (CPU; needs numactl).
+#   HF_HUB_OFFLINE, HF_DATASETS_OFFLINE   default 1: nothing is downloaded at run time (local models and data only).
+#   DS_ACCELERATOR                        set to cpu when there is no GPU (silences DeepSpeed's detection warning).
+set -euo pipefail
+
+usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    usage
+    exit 0
+fi
+if [[ $# -lt 1 ]]; then
+    usage >&2
+    exit 2
+fi
+config=$1
+shift
+
+# The repository root on PYTHONPATH: `--module distributed_pt.train` imports without `pip install -e .`.
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+
+placement=()
+if [[ -n ${NUM_GPUS:-} ]]; then
+    placement=(--num_gpus "$NUM_GPUS")
+elif ((gpus > 0)) && [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    # DeepSpeed drops CUDA_VISIBLE_DEVICES when --num_gpus is given; --include keeps the chosen devices.
+    placement=(--include "localhost:$CUDA_VISIBLE_DEVICES")
+elif ((gpus > 0)); then
+    placement=(--num_gpus "$gpus")
+else
+    placement=(--num_gpus 2)
+fi
+if ((gpus == 0)); then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+
+read -r -a deepspeed <<<"${DEEPSPEED:-deepspeed}"
+read -r -a ds_args <<<"${DS_ARGS:-}"
+set -x
+exec "${deepspeed[@]}" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" "${ds_args[@]}" \
+    --module distributed_pt.train "$config" "$@"

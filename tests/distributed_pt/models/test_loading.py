@@ -1,0 +1,197 @@
+"""Model and tokenizer loading: random init from a config dict, local directories only, checks that name the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from distributed_pt.config import ConfigError, ModelConfig
+from distributed_pt.models.loading import attention_implementation, build_config, load_model, load_tokenizer
+from tests.conftest import DEMO, ROOT
+
+TINY = {
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    ),
+    "qwen2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    ),
+    "gpt2": dict(n_embd=32, n_layer=1, n_head=2, n_positions=64),
+}
+
+
+def init(model_type: str, **extra) -> dict:
+    return {"model_type": model_type, **TINY[model_type], **extra}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelConfig())
+
+
+def test_bundled_tokenizer_has_eos_and_pad(tok):
+    assert tok.eos_token == "<eos>" and tok.eos_token_id is not None
+    assert tok.pad_token == "<pad>" and tok.pad_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.decode(tok("sort : b a =")["input_ids"]) == "sort : b a ="
+
+
+def copy_tokenizer(tmp_path, drop: str):
+    out = tmp_path / f"tok_without_{drop}"
+    shutil.copytree(DEMO / "tokenizer", out)
+    conf = json.loads((out / "tokenizer_config.json").read_text())
+    del conf[drop]
+    (out / "tokenizer_config.json").write_text(json.dumps(conf))
+    return out
+
+
+def test_tokenizer_without_pad_pads_with_eos(tmp_path):
+    tok = load_tokenizer(ModelConfig(tokenizer=str(copy_tokenizer(tmp_path, "pad_token"))))
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_tokenizer_without_eos_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no EOS token") as e:
+        load_tokenizer(ModelConfig(tokenizer=str(copy_tokenizer(tmp_path, "eos_token"))))
+    assert "model.tokenizer" in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["tokenizer", "path"])
+def test_missing_tokenizer_directory_names_the_key(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"model.{key}: .* is not a local directory"):
+        load_tokenizer(ModelConfig(**{key: str(tmp_path / "nope")}))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_build_from_init_config(tok, model_type):
+    model = load_model(ModelConfig(init_config=init(model_type), dtype="fp32"), tok)
+    assert model.config.model_type == model_type
+    # Vocab and special ids default to the tokenizer's.
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    out = model(input_ids=torch.tensor([tok("sort : b a =")["input_ids"]]))
+    assert out.logits.shape[-1] == len(tok)
+
+
+def test_gpt2_ties_the_lm_head_to_the_embedding(tok):
+    model = load_model(ModelConfig(init_config=init("gpt2"), dtype="fp32"), tok)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_llama_tying_follows_the_config(tok):
+    untied = load_model(ModelConfig(init_config=init("llama"), dtype="fp32"), tok)
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+    tied = load_model(ModelConfig(init_config=init("llama", tie_word_embeddings=True), dtype="fp32"), tok)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_dtype(tok, dtype, torch_dtype):
+    model = load_model(ModelConfig(init_config=init("llama"), dtype=dtype), tok)
+    assert {p.dtype for p in model.parameters()} == {torch_dtype}
+
+
+def test_gradient_checkpointing_switch(tok):
+    off = load_model(ModelConfig(init_config=init("llama"), dtype="fp32"), tok)
+    assert not off.is_gradient_checkpointing
+    on = load_model(ModelConfig(init_config=init("llama"), dtype="fp32", gradient_checkpointing=True), tok)
+    assert on.is_gradient_checkpointing and on.config.use_cache is False
+    # Still trains: a backward pass through the checkpointed layers works.
+    on.train()
+    ids = torch.tensor([tok("sort : b a =")["input_ids"]])
+    on(input_ids=ids, labels=ids).loss.backward()
+    assert on.get_input_embeddings().weight.grad is not None
+
+
+def test_save_pretrained_and_load_back_with_model_path(tok, tmp_path):
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(init_config=init("qwen2"), dtype="fp32"), tok)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(path=str(tmp_path / "m"), dtype="fp32")
+    tok2 = load_tokenizer(cfg)  # tokenizer defaults to model.path
+    assert tok2.get_vocab() == tok.get_vocab() and tok2.eos_token_id == tok.eos_token_id
+    loaded = load_model(cfg, tok2)
+    assert type(loaded) is type(model)
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    # Loaded in the configured dtype.
+    assert next(load_model(ModelConfig(path=str(tmp_path / "m"), dtype="bf16"), tok2).parameters()).dtype == (
+        torch.bfloat16
+    )
+
+
+def test_non_existent_model_path_names_the_key(tok, tmp_path):
+    with pytest.raises(ConfigError, match="model.path: .* is not a local directory"):
+        load_model(ModelConfig(path=str(tmp_path / "missing")), tok)
+
+
+def test_path_and_init_config_are_exclusive(tok, tmp_path):
+    with pytest.raises(ConfigError, match="not both"):
+        load_model(ModelConfig(path=str(tmp_path), init_config=init("llama")), tok)
+    with pytest.raises(ConfigError, match="set 'path'"):
+        load_model(ModelConfig(), tok)
+
+
+def test_vocab_smaller_than_tokenizer_is_an_error(tok):
+    with pytest.raises(ConfigError, match=r"vocabulary \(40\) is smaller than the tokenizer's \(85\)"):
+        load_model(ModelConfig(init_config=init("llama", vocab_size=40), dtype="fp32"), tok)
+    # A larger vocabulary (padded embedding) is fine.
+    model = load_model(ModelConfig(init_config=init("llama", vocab_size=128), dtype="fp32"), tok)
+    assert model.get_input_embeddings().num_embeddings == 128
+
+
+def test_init_config_errors(tok):
+    with pytest.raises(ConfigError, match="needs 'model_type'"):
+        build_config({"hidden_size": 32}, tok)
+    with pytest.raises(ConfigError, match="model.init_config"):
+        build_config({"model_type": "no_such_model"}, tok)
+
+
+def test_invalid_architecture_in_init_config_is_a_config_error(tok):
+    with pytest.raises(ConfigError, match="model.init_config"):
+        build_config({"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}, tok)
+
+
+def test_attention_implementation():
+    assert attention_implementation(ModelConfig(attn_implementation="eager")) == "eager"
+    if not torch.cuda.is_available():
+        assert attention_implementation(ModelConfig()) == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match="flash-attn"):
+            attention_implementation(ModelConfig(attn_implementation="flash_attention_2"))
+
+
+def test_transformers_imports_llama_with_our_kernels_package_on_the_path(tmp_path):
+    # A clean interpreter so the import order is real: transformers probes for a hub package named `kernels` and, with
+    # no installed metadata for ours, imports it; it must import cleanly and must not define __version__.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.find_spec("kernels")
+        assert spec is not None and spec.origin.startswith({str(ROOT)!r}), spec
+        from transformers.models.llama import modeling_llama
+        from transformers.utils.import_utils import is_kernels_available
+        import kernels
+        assert kernels.__file__.startswith({str(ROOT)!r}), kernels.__file__
+        assert not hasattr(kernels, "__version__"), kernels.__version__
+        assert not is_kernels_available()
+        assert modeling_llama.LlamaForCausalLM is not None
+        print("ok")
+        """
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")
