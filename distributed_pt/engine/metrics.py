@@ -51,7 +51,8 @@ def optimizer_state_mib(optimizer) -> float:
 
 
 class StepTimer:
-    """Accumulates loss and token counts between log points; `flush` reduces them over ranks into metrics."""
+    """Accumulates per-micro-batch values (loss, ...) and token counts between log points; `flush` averages them
+    over micro batches and ranks and adds lr, grad norm, tokens/s, peak memory, optimizer state and MFU."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -60,18 +61,23 @@ class StepTimer:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(3)  # loss sum over micro batches, micro batches, tokens
+        self.names: list[str] = []
+        self.sums = torch.zeros(2)  # micro batches, tokens, then one sum per value name
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.sums += torch.tensor([loss.float().item(), 1.0, float(tokens)])
+    def add(self, tokens: int, **values: torch.Tensor | float) -> None:
+        if not self.names:
+            self.names = list(values)
+            self.sums = torch.zeros(2 + len(values))
+        row = [1.0, float(tokens), *(float(v) for v in values.values())]
+        self.sums += torch.tensor(row)
 
     def flush(self) -> dict[str, float]:
-        loss_sum, n, tokens = dist.all_reduce_sum(self.sums).tolist()
+        n, tokens, *sums = dist.all_reduce_sum(self.sums).tolist()
         elapsed = time.perf_counter() - self.start
         grad_norm = self.engine.get_global_grad_norm()
-        metrics = {
-            "loss": loss_sum / max(n, 1),
+        metrics = {name: value / max(n, 1) for name, value in zip(self.names, sums, strict=True)}
+        metrics |= {
             "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens / elapsed,

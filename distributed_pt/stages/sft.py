@@ -11,43 +11,23 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from distributed_pt import checkpoint
 from distributed_pt.config import SFTConfig, save_config, to_dict
 from distributed_pt.data.collate import ShardedBatches, collate, left_pad
 from distributed_pt.data.sft import encode_prompt, load_sft_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
+from distributed_pt.engine.loop import State, TrainingError, check_finite, exit_early, export, resume, save, should_stop
 from distributed_pt.engine.metrics import StepTimer, set_seed
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.sft import causal_lm_loss
 from distributed_pt.models.fused_loss import enable_fused_loss, use_fused_loss
 from distributed_pt.models.loading import load_model, load_tokenizer
-from distributed_pt.models.lora import (
-    apply_lora,
-    count_trainable,
-    merged_state_dict,
-    prepare_for_gradient_checkpointing,
-    save_adapter,
-)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
-
-
-@dataclass
-class State:
-    step: int = 0  # optimizer steps done
-    micro_step: int = 0  # micro batches consumed (data position)
-    stop_requested: list[bool] = field(default_factory=lambda: [False])
+from distributed_pt.models.lora import apply_lora, count_trainable, prepare_for_gradient_checkpointing
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -81,12 +61,9 @@ def main(cfg: SFTConfig) -> dict:
     engine = initialize(model, ds_config, cfg.optim, total_steps)
 
     state = State()
-    resume = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
-    if resume is not None:
-        client = checkpoint.load(engine, *resume)
-        state.step, state.micro_step = client["step"], client["micro_step"]
+    resume(engine, cfg, state)
     logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
-    signal.signal(signal.SIGTERM, lambda *_: state.stop_requested.__setitem__(0, True))
+    state.install_sigterm()
 
     first_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused) if state.step == 0 else {}
     if first_eval:
@@ -94,15 +71,9 @@ def main(cfg: SFTConfig) -> dict:
     try:
         train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused)
     except TrainingError as e:
-        dist.print0(f"error: {e}")
-        logger.close()
-        dist.destroy()
-        sys.exit(1)
+        exit_early(logger, state, e)
     if state.stop_requested[0]:
-        dist.print0(f"SIGTERM: saved a checkpoint at step {state.step}; resume with checkpoint.resume=auto")
-        logger.close()
-        dist.destroy()
-        sys.exit(143)
+        exit_early(logger, state)
 
     final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused)
     logger.log(final_eval, step=state.step)
@@ -131,7 +102,7 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
             check_finite(loss, state.step + 1)
             engine.backward(loss)
             engine.step()
-            timer.add(loss.detach(), batch.num_tokens)
+            timer.add(batch.num_tokens, loss=loss)
         state.step += 1
         state.micro_step += 1
         bar.update(1)
@@ -141,39 +112,12 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
             logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
             logger.log(evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused), step=state.step)
-        stop = stop_agreed(state.stop_requested[0])
+        stop = should_stop(state)
         if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
             save(engine, cfg, state)
         if stop:
-            state.stop_requested[0] = True
             break
     bar.close()
-
-
-def save(engine, cfg: SFTConfig, state: State) -> None:
-    client = {"step": state.step, "micro_step": state.micro_step}
-    checkpoint.save(engine, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
-
-
-def export(engine, tokenizer, cfg: SFTConfig, out: Path) -> None:
-    """The HF model (LoRA merged in), and with LoRA the adapter alone in PEFT's format under `adapter/`."""
-    if not cfg.lora.enabled:
-        checkpoint.export_hf(engine, tokenizer, out)
-        return
-    save_adapter(engine, out / "adapter", cfg.lora, base_model_name_or_path=cfg.model.path)
-    checkpoint.export_hf(engine, tokenizer, out, state=merged_state_dict(engine))
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Stop every rank together, before backward, if any rank's loss is NaN/inf (the last checkpoint stays clean)."""
-    bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    if bad.item() > 0:
-        raise TrainingError(f"non-finite loss at step {step} on {int(bad.item())} rank(s); stopping")
-
-
-def stop_agreed(local: bool) -> bool:
-    """True on every rank when any rank got SIGTERM."""
-    return dist.all_reduce_sum(torch.tensor([float(local)])).item() > 0
 
 
 @torch.no_grad()

@@ -1,0 +1,76 @@
+"""Pieces every stage's training loop shares: run state, SIGTERM, NaN guard, checkpoint, export, clean exit."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distributed_pt import checkpoint
+from distributed_pt.engine import dist
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class State:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro batches consumed (the data position)
+    stop_requested: list[bool] = field(default_factory=lambda: [False])
+
+    def install_sigterm(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.__setitem__(0, True))
+
+
+def resume(engine, cfg, state: State) -> None:
+    """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one), if any."""
+    found = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
+    if found is not None:
+        client = checkpoint.load(engine, *found)
+        state.step, state.micro_step = client["step"], client["micro_step"]
+
+
+def save(engine, cfg, state: State) -> None:
+    client = {"step": state.step, "micro_step": state.micro_step}
+    checkpoint.save(engine, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop every rank together, before backward, if any rank's loss is NaN/inf (the last checkpoint stays clean)."""
+    bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    if bad.item() > 0:
+        raise TrainingError(f"non-finite loss at step {step} on {int(bad.item())} rank(s); stopping")
+
+
+def should_stop(state: State) -> bool:
+    """True on every rank when any rank got SIGTERM (one scalar all-reduce per step)."""
+    stop = dist.all_reduce_sum(torch.tensor([float(state.stop_requested[0])])).item() > 0
+    state.stop_requested[0] = stop
+    return stop
+
+
+def exit_early(logger, state: State, error: Exception | None = None) -> None:
+    """After a TrainingError (status 1) or a SIGTERM that saved a checkpoint (status 143): close up and exit."""
+    if error is not None:
+        dist.print0(f"error: {error}")
+    else:
+        dist.print0(f"SIGTERM: saved a checkpoint at step {state.step}; resume with checkpoint.resume=auto")
+    logger.close()
+    dist.destroy()
+    sys.exit(1 if error is not None else 143)
+
+
+def export(engine, tokenizer, cfg, out: Path, task_type: str = "CAUSAL_LM") -> None:
+    """The HF model (LoRA merged in) and, with LoRA, the adapter alone in PEFT's format under `adapter/`."""
+    if not cfg.lora.enabled:
+        checkpoint.export_hf(engine, tokenizer, out)
+        return
+    from distributed_pt.models.lora import merged_state_dict, save_adapter
+
+    save_adapter(engine, out / "adapter", cfg.lora, base_model_name_or_path=cfg.model.path, task_type=task_type)
+    checkpoint.export_hf(engine, tokenizer, out, state=merged_state_dict(engine))
