@@ -151,7 +151,30 @@ class SFTConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class RewardConfig:
+    # Loss: -log sigmoid(r_chosen - r_rejected - margin) + center_coef * mean(r^2). A row's "margin" field (a number)
+    # is used when use_margin is true.
+    use_margin: bool = False
+    center_coef: float = 0.0
+
+
+@dataclass
+class RMConfig:
+    stage: Literal["rm"] = "rm"
+    output_dir: str = "outputs/rm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:

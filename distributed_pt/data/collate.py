@@ -25,27 +25,29 @@ class Batch:
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right-pad to the longest example of the batch."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+    ids, mask = pad([e.input_ids for e in examples], pad_id)
+    labels, _ = pad([e.labels for e in examples], IGNORE_INDEX)
     return Batch(ids, mask, labels)
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence, on the right (training) or the left (generation prompts).
+
+    Returns (padded (B, T), attention_mask (B, T)).
+    """
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        out[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return out, mask
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts for generation: (input_ids, attention_mask), each (B, T)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
+    return pad(sequences, pad_id, left=True)
 
 
 class ShardedBatches:

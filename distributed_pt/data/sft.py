@@ -72,7 +72,7 @@ def encode_row(tokenizer, row: Row) -> tuple[list[int], list[int]]:
     """Validate one row and return (input_ids, labels) before truncation."""
     d = row.data
     if "messages" in d:
-        return _encode_chat(tokenizer, _check_messages(d["messages"], row.where, "messages"), row.where)
+        return _encode_chat(tokenizer, check_messages(d["messages"], row.where, "messages"), row.where)
     for key in ("prompt", "response"):
         if key not in d:
             raise DataError(f"{row.where}: missing field '{key}' (a row needs 'prompt' and 'response', or 'messages')")
@@ -83,7 +83,7 @@ def encode_row(tokenizer, row: Row) -> tuple[list[int], list[int]]:
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
 
-def _check_messages(messages, where: str, key: str) -> list[dict]:
+def check_messages(messages, where: str, key: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of {{'role', 'content'}} objects")
     for i, m in enumerate(messages):

@@ -16,7 +16,7 @@ from distributed_pt.config import DEMO_DIR, ConfigError, ModelConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _local_dir(path: str, key: str) -> str:
+def local_dir(path: str, key: str) -> str:
     if not Path(path).is_dir():
         raise ConfigError(f"{key}: '{path}' is not a local directory (models and tokenizers load from disk only)")
     return path
@@ -29,7 +29,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         key, path = "model.path", cfg.path
     if path is None:
         path = str(DEMO_DIR / "tokenizer")
-    tok = AutoTokenizer.from_pretrained(_local_dir(path, key), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(local_dir(path, key), local_files_only=True)
     if tok.eos_token_id is None:
         raise ConfigError(f"{key}: the tokenizer at '{path}' has no EOS token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None:
@@ -53,9 +53,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
     if cfg.path is not None:
         if cfg.init_config:
             raise ConfigError("model: set either 'path' (a pretrained model) or 'init_config' (random init), not both")
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_dir(cfg.path, "model.path"), local_files_only=True, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(local_dir(cfg.path, "model.path"), local_files_only=True, **kwargs)
     elif cfg.init_config:
         model = AutoModelForCausalLM.from_config(build_config(cfg.init_config, tokenizer), **kwargs)
     else:
@@ -66,12 +64,16 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
             f"({len(tokenizer)}); they do not belong together"
         )
     if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_config(init_config: dict, tokenizer: PreTrainedTokenizerBase):
