@@ -67,6 +67,19 @@ def train_losses(output_dir: str | Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(output_dir) if "loss" in m}
 
 
+SFT_CONFIG = ROOT / "configs" / "sft_tiny.yaml"
+SFT_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def sft_zero2_run(tmp_path_factory) -> Path:
+    """One 2-rank ZeRO-2 SFT run of the tiny model, shared by the SFT tests and the stages that start from SFT."""
+    out = tmp_path_factory.mktemp("sft_zero2")
+    overrides = [*TINY_SFT, f"output_dir={out}", f"train.max_steps={SFT_STEPS}", "checkpoint.save_every=20"]
+    run_launcher(SFT_CONFIG, [*overrides, "deepspeed.config=configs/deepspeed/zero2.json"])
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

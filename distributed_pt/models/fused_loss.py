@@ -1,9 +1,10 @@
-"""Route a causal LM's loss through the fused LM-head cross-entropy kernel, so full logits are never materialised.
+"""Route a causal LM's loss and per-token log-probs through the fused LM-head kernels (no full logits in memory).
 
-`enable_fused_loss(model)` gives the model a forward that accepts ``fused_labels=`` and returns the masked mean loss
-computed from the last hidden states and the LM head weight (`kernels.cross_entropy`). Without ``fused_labels`` the
-model behaves as before (generation, evaluation). It works with tied embeddings (GPT-2) and under ZeRO-3: the head is
-still *called* as a module, so DeepSpeed's hooks gather its partitioned weight for forward and backward.
+`enable_fused_loss(model)` gives the model a forward that accepts ``fused_labels=`` (returns the masked mean SFT
+loss) or ``logprob_tokens=`` (returns per-position log pi(token) and entropy), both computed from the last hidden
+states and the LM head weight by `kernels.cross_entropy`. Without them the model behaves as before (generation,
+evaluation). It works with tied embeddings (GPT-2) and under ZeRO-3: the head is still *called* as a module, so
+DeepSpeed's hooks gather its partitioned weight for forward and backward.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distributed_pt.data.sft import IGNORE_INDEX
@@ -18,18 +20,23 @@ from distributed_pt.losses.sft import shift_labels
 
 
 class FusedLossHead(nn.Linear):
-    """An `nn.Linear` LM head that, given labels, returns the loss instead of logits."""
+    """An `nn.Linear` LM head that, given labels or tokens, returns the loss or the log-probs instead of logits."""
 
     softcap: float | None = None
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if labels is None:
-            return super().forward(hidden)
-        from kernels.cross_entropy import fused_linear_cross_entropy
+    def forward(self, hidden, labels=None, logprob_tokens=None, temperature: float = 1.0):
+        from kernels import cross_entropy as ce
 
-        return fused_linear_cross_entropy(
-            hidden, self.weight, labels, bias=self.bias, ignore_index=IGNORE_INDEX, softcap=self.softcap
-        )
+        if labels is not None:
+            return ce.fused_linear_cross_entropy(
+                hidden, self.weight, labels, bias=self.bias, ignore_index=IGNORE_INDEX, softcap=self.softcap
+            )
+        if logprob_tokens is not None:
+            return ce.fused_linear_logprobs(
+                hidden, self.weight, logprob_tokens, bias=self.bias, softcap=self.softcap, temperature=temperature,
+                return_entropy=True,
+            )  # fmt: skip
+        return super().forward(hidden)
 
 
 def use_fused_loss(setting: str) -> bool:
@@ -46,11 +53,36 @@ def enable_fused_loss(model: nn.Module) -> bool:
     head.softcap = getattr(model.config, "final_logit_softcapping", None)
     original = model.forward
 
-    def forward(self, input_ids=None, attention_mask=None, fused_labels=None, **kwargs):
-        if fused_labels is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        return self.get_output_embeddings()(out.last_hidden_state, labels=shift_labels(fused_labels))
+    def forward(self, input_ids=None, attention_mask=None, fused_labels=None, logprob_tokens=None, temperature=1.0):
+        if fused_labels is None and logprob_tokens is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if fused_labels is not None:
+            return self.get_output_embeddings()(out.last_hidden_state, labels=shift_labels(fused_labels))
+        return self.get_output_embeddings()(
+            out.last_hidden_state, logprob_tokens=logprob_tokens, temperature=temperature
+        )
 
     model.forward = types.MethodType(forward, model)
+    model._fused_head = True
     return True
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
+    """log pi(x_{t+1} | x_{<=t}) and the policy's entropy at each position t, both (B, T-1) float32.
+
+    Uses the fused kernel when `model` went through `enable_fused_loss`, else full logits (log_softmax + gather).
+    Logits are divided by `temperature`, matching the distribution the tokens were sampled from.
+    """
+    module = getattr(model, "module", model)
+    if getattr(module, "_fused_head", False):
+        targets = F.pad(input_ids[:, 1:], (0, 1), value=0)
+        logp, entropy = model(
+            input_ids=input_ids, attention_mask=attention_mask, logprob_tokens=targets, temperature=temperature
+        )
+        return logp[:, :-1], entropy[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    logp_all = F.log_softmax(logits / temperature, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

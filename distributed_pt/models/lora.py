@@ -21,7 +21,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', got {kernel!r}")
         self.in_features, self.out_features = in_f, out_f
         self.r, self.alpha, self.scale = r, float(alpha), float(alpha) / r
-        self.dropout_p, self.kernel, self.merged = float(dropout), kernel, False
+        self.dropout_p, self.kernel, self.merged, self.disabled = float(dropout), kernel, False, False
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
@@ -144,7 +144,7 @@ class LoraLinear(nn.Module):
         return self.kernel == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return F.linear(x, self._base_weight(), self.bias)
         if self._use_triton():
             from kernels.lora_matmul import lora_linear
@@ -443,6 +443,21 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         for key, t in live.items():
             with _gathered([t], modifier_rank=0):
                 t.data.copy_(state[key].to(device=t.device, dtype=t.dtype))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model alone (e.g. as PPO's frozen reference: the same weights, no second copy)."""
+    layers = [m for m in _unwrap(model).modules() if isinstance(m, LoraLinear)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("adapters_disabled: unmerge the LoRA layers first (merged weights contain the adapters)")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

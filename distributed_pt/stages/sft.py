@@ -17,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from distributed_pt.config import SFTConfig, save_config, to_dict
-from distributed_pt.data.collate import ShardedBatches, collate, left_pad
-from distributed_pt.data.sft import encode_prompt, load_sft_data
+from distributed_pt.data.collate import ShardedBatches, collate
+from distributed_pt.data.sft import load_sft_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
+from distributed_pt.engine.generation import exact_match, greedy_answers
 from distributed_pt.engine.loop import State, TrainingError, check_finite, exit_early, export, resume, save, should_stop
 from distributed_pt.engine.metrics import StepTimer, set_seed
 from distributed_pt.logging import RunLogger
@@ -142,42 +143,8 @@ def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig, fused: bool
     metrics = {"eval/loss": loss_sum / max(tokens, 1)}
     metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
     if cfg.eval.num_generate > 0:
-        metrics["eval/exact_match"] = exact_match(engine, eval_rows[: cfg.eval.num_generate], tokenizer, cfg)
+        rows = eval_rows[: cfg.eval.num_generate]
+        answers = greedy_answers(engine, rows, tokenizer, cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
+        metrics["eval/exact_match"] = exact_match(answers)
     engine.train()
     return metrics
-
-
-def exact_match(engine, rows, tokenizer, cfg: SFTConfig) -> float:
-    """Greedy generation from each row's prompt; the fraction whose response equals the reference (whitespace-
-    normalised). Chat rows: the prompt is every message before the last assistant one, which is the reference."""
-    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
-    mine = rows[rank : len(rows) // world * world : world]
-    zero3 = engine.zero_optimization_stage() == 3
-    hits = torch.zeros(2)
-    for i in range(0, len(mine), mbs):
-        prompts, refs = zip(*(prompt_and_reference(r.data) for r in mine[i : i + mbs]), strict=True)
-        ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-        out = engine.module.generate(
-            input_ids=ids.to(engine.device),
-            attention_mask=mask.to(engine.device),
-            max_new_tokens=cfg.eval.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=zero3,  # ranks keep stepping together until all are done
-        )
-        texts = tokenizer.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
-        hits += torch.tensor([sum(_norm(t) == _norm(r) for t, r in zip(texts, refs, strict=True)), len(refs)])
-    correct, total = dist.all_reduce_sum(hits).tolist()
-    return correct / max(total, 1)
-
-
-def prompt_and_reference(row: dict):
-    if "messages" in row:
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        return row["messages"][:last], row["messages"][last]["content"]
-    return row["prompt"], row["response"]
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split())

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import DEMO, ROOT, TINY_SFT, env, launch_cmd, read_metrics, run_launcher, train_losses
+from tests.conftest import DEMO, ROOT, SFT_CONFIG, TINY_SFT, env, launch_cmd, read_metrics, run_launcher, train_losses
+from tests.conftest import SFT_STEPS as STEPS
 
-CONFIG = ROOT / "configs" / "sft_tiny.yaml"
-STEPS = 12
+CONFIG = SFT_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,6 @@ def zero3_config(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft_zero2")
-    overrides = [*TINY_SFT, f"output_dir={out}", f"train.max_steps={STEPS}", "checkpoint.save_every=6"]
-    run_launcher(CONFIG, [*overrides, "deepspeed.config=configs/deepspeed/zero2.json"])
-    return out
-
-
 def _assert_learns(out: Path) -> None:
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -47,7 +39,8 @@ def _assert_learns(out: Path) -> None:
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
 
 
-def test_zero2_two_ranks_loss_falls_and_exports(zero2_run):
+def test_zero2_two_ranks_loss_falls_and_exports(sft_zero2_run):
+    zero2_run = sft_zero2_run
     _assert_learns(zero2_run)
     # The resolved config and the checkpoints are beside the metrics; `latest` names the newest complete one.
     assert (zero2_run / "config.yaml").is_file()
@@ -93,9 +86,9 @@ def test_fused_loss_under_zero3_matches_plain_loss(tmp_path, zero3_config, zero3
         assert fused[step] == pytest.approx(plain[step], rel=1e-3), (step, fused, plain)
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, zero2_run):
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, sft_zero2_run):
     """Stop a run with SIGTERM mid-way, resume it, and get the uninterrupted run's loss curve exactly."""
-    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", "checkpoint.save_every=6"]
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", "checkpoint.save_every=20"]
     # Its own process group, signalled as a whole: what Slurm preemption or a cluster scheduler does.
     proc = subprocess.Popen(
         launch_cmd(CONFIG, overrides), cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -113,7 +106,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, zero2_run)
     assert 1 <= stopped_at < STEPS, stdout[-3000:]
 
     run_launcher(CONFIG, overrides)  # checkpoint.resume=auto
-    resumed, reference = train_losses(tmp_path), train_losses(zero2_run)
+    resumed, reference = train_losses(tmp_path), train_losses(sft_zero2_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)

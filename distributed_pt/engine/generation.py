@@ -1,0 +1,80 @@
+"""Generation from a (DeepSpeed-wrapped) causal LM: sampled rollouts and greedy held-out exact match.
+
+Under ZeRO-3 the whole model is gathered once per call (not per token) and every rank keeps stepping until all are
+done (`synced_gpus`), so ranks whose sequences end early stay in step with the collective gathers.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from distributed_pt.data.collate import left_pad
+from distributed_pt.data.sft import encode_prompt
+from distributed_pt.engine import dist
+
+
+def _gathered(engine):
+    if engine.zero_optimization_stage() != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+@torch.no_grad()
+def generate(
+    engine, prompts: list[list[int]], tokenizer, max_new_tokens: int, sample: bool, temperature=1.0, top_p=1.0
+):
+    """Left-pad `prompts` and generate. Returns (sequences (B, P + R), prompt attention mask (B, P))."""
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    was_training = engine.module.training
+    engine.module.eval()
+    with _gathered(engine):
+        out = engine.module.generate(
+            input_ids=ids.to(engine.device),
+            attention_mask=mask.to(engine.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=engine.zero_optimization_stage() == 3,
+            use_cache=True,
+            **kwargs,
+        )
+    engine.module.train(was_training)
+    return out, mask.to(engine.device)
+
+
+def prompt_and_reference(row: dict):
+    """(prompt, reference answer) of an SFT, prompt or chat row; chat: the messages before the last assistant one."""
+    if "messages" in row:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        return row["messages"][:last], row["messages"][last]["content"]
+    return row["prompt"], row.get("response", row.get("answer"))
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def greedy_answers(engine, rows, tokenizer, batch_size: int, max_new_tokens: int) -> list[tuple[dict, str]]:
+    """Greedy responses for this rank's equal share of `rows` (a remainder under world size is left out)."""
+    rank, world = dist.rank(), dist.world_size()
+    mine = rows[rank : len(rows) // world * world : world]
+    results = []
+    for i in range(0, len(mine), batch_size):
+        chunk = [r.data for r in mine[i : i + batch_size]]
+        prompts = [encode_prompt(tokenizer, prompt_and_reference(r)[0]) for r in chunk]
+        out, mask = generate(engine, prompts, tokenizer, max_new_tokens, sample=False)
+        texts = tokenizer.batch_decode(out[:, mask.size(1) :], skip_special_tokens=True)
+        results.extend(zip(chunk, texts, strict=True))
+    return results
+
+
+def exact_match(answers: list[tuple[dict, str]]) -> float:
+    """The fraction (over all ranks) of responses equal to the row's reference, whitespace-normalised."""
+    hits = sum(normalize(text) == normalize(prompt_and_reference(row)[1]) for row, text in answers)
+    correct, total = dist.all_reduce_sum(torch.tensor([float(hits), float(len(answers))])).tolist()
+    return correct / max(total, 1)
