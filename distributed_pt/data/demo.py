@@ -25,13 +25,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from distributed_pt.config import DEMO_DIR
+
 WORDS = (
     "cat", "dog", "sun", "tree", "fish", "bird", "book", "cup", "hat", "car", "moon", "star",
     "milk", "rain", "door", "key", "box", "pen", "egg", "leaf", "ship", "frog", "lamp", "rose",
 )  # fmt: skip
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 DIGITS = tuple("0123456789")
-COUNT_LETTERS = tuple("abcd")  # count draws from few letters so that counts of 0..5 are all common
+COUNT_LETTERS = tuple("abcd")  # few letters, so that counts 0-4 are all common
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # Role markers of the framework's default chat template: whole tokens, never split, dropped by skip_special_tokens.
@@ -348,7 +350,7 @@ def demo_texts(data_dir: str | Path) -> list[str]:
     """Every prompt, answer and message in the demo files: what the tokenizer is trained on."""
     texts = []
     for name in FILES:
-        for line in open(Path(data_dir) / name):
+        for line in (Path(data_dir) / name).read_text().splitlines():
             row = json.loads(line)
             if "messages" in row:
                 texts += [m["content"] for m in row["messages"]]
@@ -359,7 +361,7 @@ def demo_texts(data_dir: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "assets" / "demo"))
+    parser.add_argument("--out", default=str(DEMO_DIR))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-eval", type=int, default=200)
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_demo_data(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
     tokenizer = build_tokenizer(demo_texts(args.out), Path(args.out) / "tokenizer")
     for path in paths:
-        print(f"{path}  {sum(1 for _ in open(path))} rows")
+        print(f"{path}  {len(path.read_text().splitlines())} rows")
     print(f"{Path(args.out) / 'tokenizer'}  vocab {len(tokenizer)}")
 
 
