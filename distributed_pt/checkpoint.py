@@ -37,11 +37,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, output_dir: str, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank must call it. Writes step_<step>, then points `latest` at it, then prunes old ones."""
+def _engines(engine_or_engines) -> dict[str, Any]:
+    """{name: engine}; a single engine is saved directly in step_<N>/, several in step_<N>/<name>/."""
+    return engine_or_engines if isinstance(engine_or_engines, dict) else {"": engine_or_engines}
+
+
+def save(engines, output_dir: str, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank must call it. Writes step_<step>, then points `latest` at it, then prunes old ones.
+
+    `engines`: one DeepSpeed engine, or {name: engine} (e.g. PPO's actor and critic).
+    """
     root = Path(output_dir) / "checkpoints"
     tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    for name, engine in _engines(engines).items():
+        where, sub = (root, tag) if not name else (root / tag, name)
+        engine.save_checkpoint(str(where), tag=sub, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), root / tag / f"rng_rank{rank()}.pt")
     barrier()  # every rank's files are on disk before `latest` moves
     if is_main():
@@ -49,7 +59,7 @@ def save(engine, output_dir: str, step: int, client_state: dict[str, Any], keep_
         tmp.write_text(tag)
         os.replace(tmp, root / LATEST)
         steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name != tag)
-        for _, old in steps[: max(0, len(steps) - (keep_last - 1))]:
+        for _, old in steps[: max(0, len(steps) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return root / tag
@@ -74,11 +84,13 @@ def find_resume(output_dir: str, resume: str) -> tuple[Path, str] | None:
     )
 
 
-def load(engine, root: Path, tag: str) -> dict[str, Any]:
+def load(engines, root: Path, tag: str) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the client state (step, data position)."""
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
-    if path is None:
-        raise FileNotFoundError(f"could not load DeepSpeed checkpoint {root / tag}")
+    for name, engine in _engines(engines).items():
+        where, sub = (root, tag) if not name else (root / tag, name)
+        path, client_state = engine.load_checkpoint(str(where), tag=sub)
+        if path is None:
+            raise FileNotFoundError(f"could not load DeepSpeed checkpoint {where / sub}")
     rng_file = root / tag / f"rng_rank{rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -116,7 +116,7 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     save_every: int = 0
-    keep_last: int = 2
+    keep_last: int = 2  # <= 0 keeps every checkpoint
     # auto: the latest complete checkpoint in output_dir/checkpoints, if any; none; or a checkpoint path.
     resume: str = "auto"
     export_hf: bool = True
@@ -174,7 +174,63 @@ class RMConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
+@dataclass
+class PPOSection:
+    # Frozen reward model (an RM stage's final/ dir; its reward_stats.json normalises scores) and the critic's start
+    # (default: the same reward model, whose head becomes a per-token value head).
+    reward_model: str | None = None
+    critic_path: str | None = None
+    critic_lr: float = 5e-6
+    # Rollouts: prompts per rank per PPO step, sampling settings.
+    rollout_batch_size: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Reward = normalised RM score (clipped to +-reward_clip; + no_eos_penalty when no EOS) - kl_coef * KL per token.
+    reward_clip: float = 5.0
+    no_eos_penalty: float = -1.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    # Adaptive KL controller (Ziegler et al.) when set: kl_coef tracks this per-sequence KL target.
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # PPO updates: epochs over each rollout in minibatches of train.micro_batch_size.
+    ppo_epochs: int = 1
+    clip_ratio: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    # PPO-ptx (InstructGPT): + ptx_coef * SFT loss on these SFT files.
+    ptx_coef: float = 0.0
+    ptx_files: list[str] = field(default_factory=list)
+    # Frozen models (reference, reward) under ZeRO-3 with their parameters offloaded to CPU.
+    offload_frozen: bool = False
+    # Log a table of sample prompts/responses every N steps (0: never).
+    sample_every: int = 10
+
+
+@dataclass
+class PPOConfig:
+    stage: Literal["ppo"] = "ppo"
+    output_dir: str = "outputs/ppo"
+    # model: the actor (an SFT output); data: prompt files ({"prompt"} or {"messages"}; eval rows with an "answer"
+    # also give exact-match accuracy).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ppo: PPOSection = field(default_factory=PPOSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:

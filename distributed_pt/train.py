@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from distributed_pt.stages import rm, sft
+        from distributed_pt.stages import ppo, rm, sft
 
-        {"sft": sft.main, "rm": rm.main}[cfg.stage](cfg)
+        {"sft": sft.main, "rm": rm.main, "ppo": ppo.main}[cfg.stage](cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

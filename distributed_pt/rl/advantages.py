@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from distributed_pt.engine import dist
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     mask = mask.to(x.dtype)
@@ -17,13 +19,14 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the positions where mask is 1; masked positions come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the positions where mask is 1, across every rank's rollout (one all-reduce); masked
+    positions come back as 0."""
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double().cpu()
+    total, total_sq, n = dist.all_reduce_sum(sums).tolist()
+    mean = total / max(n, 1)
+    var = max(total_sq / max(n, 1) - mean**2, 0.0)
+    return (x - mean) / (var + eps) ** 0.5 * mask
 
 
 def gae(

@@ -1,0 +1,121 @@
+"""PPO rollouts: sample responses, then score them with the actor, reference, critic and reward model.
+
+Sequences are re-packed right-padded after generation (prompt tokens, then response tokens up to and including the
+first EOS), so every later forward pass uses the same positions generation used. Per-token tensors live in
+"action space": index t scores token t+1, shape (B, L-1); `action_mask` is 1 on response tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import torch
+
+from distributed_pt.engine.generation import generate
+from distributed_pt.models.fused_loss import token_logprobs
+from distributed_pt.models.reward import sequence_rewards
+from distributed_pt.rl.advantages import gae, masked_whiten
+from distributed_pt.rl.kl import kl_estimate
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor  # (B, L) right-padded prompt + response
+    attention_mask: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, L-1) 1 where the next token is a response token
+    old_logprobs: torch.Tensor  # (B, L-1) actor at rollout time
+    ref_logprobs: torch.Tensor  # (B, L-1)
+    values: torch.Tensor  # (B, L-1) critic at rollout time
+    rewards: torch.Tensor  # (B, L-1) -beta * KL per token, + score at the last response token
+    advantages: torch.Tensor  # (B, L-1)
+    returns: torch.Tensor  # (B, L-1)
+    scores: torch.Tensor  # (B,) normalised, penalised, clipped RM score
+    raw_scores: torch.Tensor  # (B,) RM output
+    ended: torch.Tensor  # (B,) bool: the response ended with EOS
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        """A minibatch of rows, trimmed to its longest sequence."""
+        width, full = int(self.attention_mask[rows].sum(1).max()), self.sequences.size(1)
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            t = t[rows]
+            return t[:, : width - (full - t.size(1))] if t.dim() == 2 else t
+
+        return Experience(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
+
+
+def repack(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int, pad_id: int):
+    """Left-padded generate() output → right-padded (sequences, attention_mask, action_mask, ended)."""
+    prompt_len = prompt_mask.size(1)
+    response = sequences[:, prompt_len:]
+    is_eos = response == eos_id
+    ended = is_eos.any(1)
+    # Response length: up to and including the first EOS, or every generated token when there is none.
+    resp_len = torch.where(
+        ended, is_eos.float().argmax(1) + 1, torch.full_like(ended, response.size(1), dtype=torch.long)
+    )
+    rows = []
+    for i in range(sequences.size(0)):
+        prompt = sequences[i, :prompt_len][prompt_mask[i].bool()]
+        rows.append((prompt, response[i, : resp_len[i]]))
+    width = max(len(p) + len(r) for p, r in rows)
+    seqs = torch.full((len(rows), width), pad_id, dtype=torch.long, device=sequences.device)
+    attn = torch.zeros_like(seqs)
+    action_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32, device=sequences.device)
+    for i, (p, r) in enumerate(rows):
+        seqs[i, : len(p) + len(r)] = torch.cat([p, r])
+        attn[i, : len(p) + len(r)] = 1
+        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1
+    return seqs, attn, action_mask, ended
+
+
+def normalised_scores(raw: torch.Tensor, ended: torch.Tensor, stats: dict, ppo) -> torch.Tensor:
+    """(raw - RM eval mean) / std, + no-EOS penalty, clipped to +-reward_clip."""
+    score = (raw.float() - stats["mean"]) / max(stats["std"], 1e-6)
+    score = score + (~ended).float() * ppo.no_eos_penalty
+    return score.clamp(-ppo.reward_clip, ppo.reward_clip)
+
+
+@torch.no_grad()
+def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: float, rm_stats: dict):
+    """Generate from `prompts` and score everything. `models`: actor, critic (engines), reward (engine), and
+    reference (an engine, or None: the actor with its LoRA adapters switched off). Returns (Experience, timings)."""
+    ppo = cfg.ppo
+    start = time.perf_counter()
+    out, prompt_mask = generate(
+        models.actor, prompts, tokenizer, ppo.max_new_tokens, sample=True, temperature=ppo.temperature, top_p=ppo.top_p
+    )
+    gen_time = time.perf_counter() - start
+    seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    start = time.perf_counter()
+    for engine in (models.actor, models.critic):
+        engine.eval()
+    old_logprobs, _ = token_logprobs(models.actor, seqs, attn, ppo.temperature)
+    if models.reference is None:
+        from distributed_pt.models.lora import adapters_disabled
+
+        ctx = adapters_disabled(models.actor)
+    else:
+        ctx = nullcontext()
+    with ctx:
+        ref_logprobs, _ = token_logprobs(models.reference or models.actor, seqs, attn, ppo.temperature)
+    values = models.critic(input_ids=seqs, attention_mask=attn, token_scores=True)[:, :-1] * action_mask
+    raw = sequence_rewards(models.reward, seqs, attn)
+    scores = normalised_scores(raw, ended, rm_stats, ppo)
+
+    kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
+    rewards = -kl_coef * kl
+    last = (action_mask * torch.arange(action_mask.size(1), device=seqs.device)).argmax(1)
+    rewards[torch.arange(len(last)), last] += scores
+    advantages, returns = gae(rewards, values, action_mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, action_mask)
+    for engine in (models.actor, models.critic):
+        engine.train()
+    score_time = time.perf_counter() - start
+    exp = Experience(seqs, attn, action_mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns,
+                     scores, raw, ended)  # fmt: skip
+    return exp, {"gen_time": gen_time, "score_time": score_time}
