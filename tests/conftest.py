@@ -67,6 +67,16 @@ def train_losses(output_dir: str | Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(output_dir) if "loss" in m}
 
 
+@pytest.fixture(scope="session")
+def zero3_partitioned(tmp_path_factory) -> Path:
+    """ZeRO-3 with every parameter partitioned (the default persistence threshold would keep a tiny model whole)."""
+    conf = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    path.write_text(json.dumps(conf))
+    return path
+
+
 SFT_CONFIG = ROOT / "configs" / "sft_tiny.yaml"
 SFT_STEPS = 40
 
@@ -77,6 +87,23 @@ def sft_zero2_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft_zero2")
     overrides = [*TINY_SFT, f"output_dir={out}", f"train.max_steps={SFT_STEPS}", "checkpoint.save_every=20"]
     run_launcher(SFT_CONFIG, [*overrides, "deepspeed.config=configs/deepspeed/zero2.json"])
+    return out
+
+
+RM_CONFIG = ROOT / "configs" / "rm_tiny.yaml"
+RM_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def rm_zero2_run(tmp_path_factory, sft_zero2_run) -> Path:
+    """A 2-rank ZeRO-2 reward model trained from `sft_zero2_run`, shared by the RM and PPO tests."""
+    out = tmp_path_factory.mktemp("rm_zero2")
+    overrides = [
+        f"model.path={sft_zero2_run / 'final'}", f"output_dir={out}", f"train.max_steps={RM_STEPS}",
+        "train.log_every=10", "train.eval_every=0", "optim.lr=2e-3", "logging.wandb_mode=disabled",
+        "logging.progress_bar=false", "deepspeed.config=configs/deepspeed/zero2.json", "checkpoint.save_every=0",
+    ]  # fmt: skip
+    run_launcher(RM_CONFIG, overrides)
     return out
 
 

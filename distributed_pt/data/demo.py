@@ -255,13 +255,15 @@ def make_examples(rng: random.Random, n: int, exclude: Iterable[str] = ()) -> li
     return rows
 
 
-def _pref_rows(examples: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
+def _pref_rows(examples: list[dict[str, str]], rng: random.Random, per_prompt: int) -> list[dict[str, str]]:
+    """Up to `per_prompt` pairs per prompt, each with a different kind of wrong answer: a reward model that sees
+    several ways of being wrong for the same prompt learns to check the answer rather than one error's surface."""
     rows = []
     for ex in examples:
-        kind, rejected = labeled_wrong_answers(ex["prompt"], ex["answer"], rng, k=1)[0]
-        rows.append(
-            {"prompt": ex["prompt"], "chosen": ex["answer"], "rejected": rejected, "task": ex["task"], "kind": kind}
-        )
+        for kind, rejected in labeled_wrong_answers(ex["prompt"], ex["answer"], rng, k=per_prompt):
+            rows.append(
+                {"prompt": ex["prompt"], "chosen": ex["answer"], "rejected": rejected, "task": ex["task"], "kind": kind}
+            )
     return rows
 
 
@@ -301,7 +303,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_e
         files[f"sft_{split}.jsonl"] = [
             {"prompt": ex["prompt"], "response": ex["answer"], "task": ex["task"]} for ex in examples
         ]
-        files[f"pref_{split}.jsonl"] = _pref_rows(examples, rng)
+        files[f"pref_{split}.jsonl"] = _pref_rows(examples, rng, per_prompt=3 if split == "train" else 2)
         files[f"prompts_{split}.jsonl"] = examples
     files["chat_sample.jsonl"] = _chat_rows(chat, rng)
     for name in FILES:

@@ -69,7 +69,7 @@ class StepTimer:
         if not self.names:
             self.names = list(values)
             self.sums = torch.zeros(2 + len(values))
-        row = [1.0, float(tokens), *(float(v) for v in values.values())]
+        row = [1.0, float(tokens), *(float(torch.as_tensor(v).detach()) for v in values.values())]
         self.sums += torch.tensor(row)
 
     def flush(self) -> dict[str, float]:

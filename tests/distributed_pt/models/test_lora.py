@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 from distributed_pt.config import LoraConfig  # noqa: E402
 from distributed_pt.models.lora import (  # noqa: E402
     LoraLinear,
+    adapters_disabled,
     apply_lora,
     count_trainable,
     load_adapter,
@@ -148,6 +149,29 @@ def test_apply_lora_llama() -> None:
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
     with pytest.raises(RuntimeError, match="already"):
         apply_lora(model, LoraConfig())
+
+
+def test_adapters_disabled_gives_the_base_models_logprobs() -> None:
+    """PPO's LoRA reference: the actor with adapters off scores tokens exactly as the base model does."""
+    from distributed_pt.models.fused_loss import token_logprobs
+
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_b(model)
+    ids, mask = input_ids(), torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        base_lp, _ = token_logprobs(base, ids, mask)
+        adapted_lp, _ = token_logprobs(model, ids, mask)
+        with adapters_disabled(model):
+            ref_lp, _ = token_logprobs(model, ids, mask)
+        after_lp, _ = token_logprobs(model, ids, mask)
+    torch.testing.assert_close(ref_lp, base_lp)
+    assert (adapted_lp - base_lp).abs().max() > 1e-3  # the adapters do matter
+    torch.testing.assert_close(after_lp, adapted_lp)  # and come back on leaving the context
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"), adapters_disabled(model):
+        pass
 
 
 def _loras(model: nn.Module) -> list[LoraLinear]:

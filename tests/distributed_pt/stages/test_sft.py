@@ -19,16 +19,6 @@ from tests.conftest import SFT_STEPS as STEPS
 CONFIG = SFT_CONFIG
 
 
-@pytest.fixture(scope="module")
-def zero3_config(tmp_path_factory) -> Path:
-    """ZeRO-3 with every parameter partitioned (the default persistence threshold would keep a tiny model whole)."""
-    conf = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
-    conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
-    path.write_text(json.dumps(conf))
-    return path
-
-
 def _assert_learns(out: Path) -> None:
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -40,24 +30,23 @@ def _assert_learns(out: Path) -> None:
 
 
 def test_zero2_two_ranks_loss_falls_and_exports(sft_zero2_run):
-    zero2_run = sft_zero2_run
-    _assert_learns(zero2_run)
+    _assert_learns(sft_zero2_run)
     # The resolved config and the checkpoints are beside the metrics; `latest` names the newest complete one.
-    assert (zero2_run / "config.yaml").is_file()
-    assert (zero2_run / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
+    assert (sft_zero2_run / "config.yaml").is_file()
+    assert (sft_zero2_run / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
     # The HF export reloads with plain transformers and generates.
-    model = AutoModelForCausalLM.from_pretrained(zero2_run / "final")
-    tok = AutoTokenizer.from_pretrained(zero2_run / "final")
+    model = AutoModelForCausalLM.from_pretrained(sft_zero2_run / "final")
+    tok = AutoTokenizer.from_pretrained(sft_zero2_run / "final")
     ids = tok("reverse : cat dog =", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, zero3_config) -> Path:
+def zero3_run(tmp_path_factory, zero3_partitioned) -> Path:
     out = tmp_path_factory.mktemp("sft_zero3")
     run_launcher(
-        CONFIG, [*TINY_SFT, f"output_dir={out}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
+        CONFIG, [*TINY_SFT, f"output_dir={out}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_partitioned}"]
     )
     return out
 
@@ -74,10 +63,15 @@ def test_zero3_two_ranks_loss_falls_and_export_is_whole(zero3_run):
         torch.testing.assert_close(p, consolidated[name].to(p.dtype))
 
 
-def test_fused_loss_under_zero3_matches_plain_loss(tmp_path, zero3_config, zero3_run, monkeypatch):
+def test_fused_loss_under_zero3_matches_plain_loss(tmp_path, zero3_partitioned, zero3_run, monkeypatch):
     """The fused LM-head kernel (interpreted on CPU), head weight partitioned by ZeRO-3, trains the same curve."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", f"deepspeed.config={zero3_config}"]
+    overrides = [
+        *TINY_SFT,
+        f"output_dir={tmp_path}",
+        f"train.max_steps={STEPS}",
+        f"deepspeed.config={zero3_partitioned}",
+    ]
     proc = run_launcher(CONFIG, [*overrides, "loss.fused=true", "eval.num_generate=0"])
     assert "fused LM-head cross-entropy" in proc.stdout
     fused, plain = train_losses(tmp_path), train_losses(zero3_run)
@@ -143,7 +137,7 @@ def test_demo_config_is_the_documented_default():
     assert (ROOT / cfg.data.train_files[0]).is_file() and (DEMO / "tokenizer").is_dir()
 
 
-def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_config):
+def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_partitioned):
     """LoRA SFT from a saved base under ZeRO-3: the adapter is whole, PEFT loads it, and it equals the merged export."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -173,7 +167,7 @@ def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_config):
         "train.max_steps=4",
         "lora.enabled=true",
         "lora.r=4",
-        f"deepspeed.config={zero3_config}",
+        f"deepspeed.config={zero3_partitioned}",
     ]
     run_launcher(CONFIG, overrides)
     adapter = out / "final" / "adapter"

@@ -1,0 +1,44 @@
+"""Re-packing generated sequences and minibatch selection."""
+
+from __future__ import annotations
+
+import torch
+
+from distributed_pt.config import PPOSection
+from distributed_pt.rl.rollout import Experience, normalised_scores, repack
+
+PAD, EOS = 0, 3
+
+
+def test_repack_left_padded_generation():
+    # Prompts [5, 6] (left-padded) and [7, 8, 9]; responses "11 EOS pad" and "12 13 14" (no EOS).
+    out = torch.tensor([[PAD, 5, 6, 11, EOS, PAD], [7, 8, 9, 12, 13, 14]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    seqs, attn, action_mask, ended = repack(out, prompt_mask, EOS, PAD)
+    assert seqs.tolist() == [[5, 6, 11, EOS, PAD, PAD], [7, 8, 9, 12, 13, 14]]
+    assert attn.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    # index t scores token t+1: row 0's actions are tokens 2..3, row 1's tokens 3..5
+    assert action_mask.tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]]
+    assert ended.tolist() == [True, False]
+
+
+def test_scores_are_normalised_penalised_and_clipped():
+    ppo = PPOSection(reward_clip=2.0, no_eos_penalty=-1.0)
+    raw = torch.tensor([3.0, 3.0, 100.0])
+    ended = torch.tensor([True, False, True])
+    scores = normalised_scores(raw, ended, {"mean": 1.0, "std": 2.0}, ppo)
+    assert scores.tolist() == [1.0, 0.0, 2.0]
+
+
+def test_select_trims_to_the_longest_row():
+    B, L = 3, 6
+    attn = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1] * 6])
+    per_token = torch.arange(B * (L - 1), dtype=torch.float32).view(B, L - 1)
+    exp = Experience(
+        sequences=torch.arange(B * L).view(B, L), attention_mask=attn, action_mask=per_token, old_logprobs=per_token,
+        ref_logprobs=per_token, values=per_token, rewards=per_token, advantages=per_token, returns=per_token,
+        scores=torch.arange(3.0), raw_scores=torch.arange(3.0), ended=torch.ones(3, dtype=torch.bool),
+    )  # fmt: skip
+    mb = exp.select(torch.tensor([1, 0]))
+    assert mb.sequences.shape == (2, 4) and mb.old_logprobs.shape == (2, 3)
+    assert mb.sequences[0].tolist() == [6, 7, 8, 9] and mb.scores.tolist() == [1.0, 0.0]
