@@ -1,10 +1,14 @@
-"""The whole InstructGPT pipeline, SFT → reward model → PPO, each stage through the `deepspeed` launcher.
+"""The whole InstructGPT pipeline, SFT → preference pairs → reward model → PPO, each training stage through the
+`deepspeed` launcher.
 
     python -m distributed_pt.pipeline                      # the bundled tiny demo (2 CPU ranks without a GPU)
     python -m distributed_pt.pipeline --nproc 8 --sft my_sft.yaml --rm my_rm.yaml --ppo my_ppo.yaml
 
-The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). At the end a
-table of each stage's held-out results before and after it is printed and written to `<output root>/summary.md`.
+The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
+samples the SFT model on the training prompts and labels its answers with the demo's checker
+(`distributed_pt.data.sample_pairs`), standing in for InstructGPT's human comparisons of model outputs; the RM
+config trains on those pairs beside the bundled ones. At the end a table of each stage's held-out results before and
+after it is printed and written to `<output root>/summary.md`.
 """
 
 from __future__ import annotations
@@ -71,13 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft", default="configs/sft_tiny.yaml")
     parser.add_argument("--rm", default="configs/rm_tiny.yaml")
     parser.add_argument("--ppo", default="configs/ppo_tiny.yaml")
-    parser.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset to run, in order")
+    parser.add_argument("--pairs-prompts", default="distributed_pt/assets/demo/prompts_train.jsonl")
+    parser.add_argument("--stages", default="sft,pairs,rm,ppo", help="comma-separated subset to run, in order")
     args = parser.parse_args(argv)
     import torch
+
+    from distributed_pt.data.sample_pairs import main as sample_pairs
 
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     results: dict[str, tuple[dict, float]] = {}
     for stage in args.stages.split(","):
+        if stage == "pairs":
+            sft_out = REPO / yaml.safe_load((REPO / args.sft).read_text())["output_dir"]
+            sample_pairs([f"--model={sft_out / 'final'}", f"--prompts={REPO / args.pairs_prompts}",
+                          f"--out={sft_out / 'pref_samples.jsonl'}"])  # fmt: skip
+            continue
         config = REPO / getattr(args, stage)  # an absolute path stays as it is
         seconds = run_stage(config, nproc, [])
         out = REPO / yaml.safe_load(config.read_text())["output_dir"]

@@ -100,6 +100,7 @@ def rm_zero2_run(tmp_path_factory, sft_zero2_run) -> Path:
     out = tmp_path_factory.mktemp("rm_zero2")
     overrides = [
         f"model.path={sft_zero2_run / 'final'}", f"output_dir={out}", f"train.max_steps={RM_STEPS}",
+        f"data.train_files=[{DEMO / 'pref_train.jsonl'}]",
         "train.log_every=10", "train.eval_every=0", "optim.lr=2e-3", "logging.wandb_mode=disabled",
         "logging.progress_bar=false", "deepspeed.config=configs/deepspeed/zero2.json", "checkpoint.save_every=0",
     ]  # fmt: skip

@@ -300,6 +300,13 @@ def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
     rm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"mean": 0.0, "std": 1.0}
     if not stats_file.is_file():
         dist.print0(f"warning: no {stats_file}; RM scores are used unnormalised")
+    if ppo.critic_path is None:
+        # The critic starts as the RM: rescale its head so values come out on the normalised score's scale, and its
+        # first estimates are a sensible baseline rather than noise that swamps the advantages.
+        with torch.no_grad():
+            critic.score.weight.div_(max(rm_stats["std"], 1e-6))
+            if critic.score.bias is not None:
+                critic.score.bias.sub_(rm_stats["mean"]).div_(max(rm_stats["std"], 1e-6))
     return SimpleNamespace(
         actor=actor, critic=critic, reward=frozen_engine(reward, cfg), fused=fused, rm_stats=rm_stats,
         reference=frozen_engine(reference, cfg) if reference is not None else None,
