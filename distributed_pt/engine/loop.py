@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,32 @@ class State:
 
     def install_sigterm(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.__setitem__(0, True))
+
+
+def start(cfg) -> Path:
+    """Every stage's first lines: process group, seed, output dir with the resolved config (printed on rank 0)."""
+    from distributed_pt.config import save_config, to_dict
+    from distributed_pt.engine.metrics import set_seed
+
+    dist.init_distributed()
+    set_seed(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    return out
+
+
+def finish(cfg, logger, state: State, before: dict, after: dict) -> dict:
+    """Every stage's last lines: summary.json (held-out metrics before and after), W&B summary, teardown."""
+    summary = {"stage": cfg.stage, "steps": state.step, "before": before, "after": after}
+    if dist.is_main():
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.summary(after)
+    logger.close()
+    dist.destroy()
+    return summary
 
 
 def resume(engine, cfg, state: State) -> None:

@@ -22,15 +22,24 @@ import torch
 from tqdm.auto import tqdm
 
 from distributed_pt import checkpoint
-from distributed_pt.config import ConfigError, ModelConfig, PPOConfig, save_config, to_dict
+from distributed_pt.config import ConfigError, ModelConfig, PPOConfig, to_dict
 from distributed_pt.data.collate import ShardedBatches, collate
 from distributed_pt.data.io import DataError, read_rows
 from distributed_pt.data.sft import encode_prompt, load_sft_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
 from distributed_pt.engine.generation import generate, normalize, prompt_and_reference
-from distributed_pt.engine.loop import State, TrainingError, check_finite, exit_early, export, should_stop
-from distributed_pt.engine.metrics import peak_memory_gib, set_seed
+from distributed_pt.engine.loop import (
+    State,
+    TrainingError,
+    check_finite,
+    exit_early,
+    export,
+    finish,
+    should_stop,
+    start,
+)
+from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.ppo import explained_variance, policy_loss, value_loss
 from distributed_pt.losses.sft import causal_lm_loss
@@ -44,13 +53,7 @@ from distributed_pt.rl.rollout import make_experience, normalised_scores, repack
 
 
 def main(cfg: PPOConfig) -> dict:
-    dist.init_distributed()
-    set_seed(cfg.train.seed)
-    out = Path(cfg.output_dir)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    out = start(cfg)
     ppo = cfg.ppo
     if ppo.reward_model is None:
         raise ConfigError("ppo.reward_model: set it to a reward model directory (the RM stage's final/)")
@@ -122,13 +125,7 @@ def main(cfg: PPOConfig) -> dict:
     if cfg.checkpoint.export_hf:
         export(models.actor, tokenizer, cfg, out / "final")
         checkpoint.export_hf(models.critic, tokenizer, out / "critic")
-    summary = {"stage": "ppo", "steps": state.step, "before": first_eval, "after": final_eval}
-    if dist.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.summary(final_eval)
-    logger.close()
-    dist.destroy()
-    return summary
+    return finish(cfg, logger, state, first_eval, final_eval)
 
 
 def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer, logger, state, kl_ctl, total_steps):

@@ -11,18 +11,28 @@ that PPO normalises scores with), summary.json.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from distributed_pt.config import RMConfig, save_config, to_dict
+from distributed_pt.config import RMConfig, to_dict
 from distributed_pt.data.collate import ShardedBatches
 from distributed_pt.data.preference import collate_pairs, load_preference_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
-from distributed_pt.engine.loop import State, TrainingError, check_finite, exit_early, export, resume, save, should_stop
-from distributed_pt.engine.metrics import StepTimer, set_seed
+from distributed_pt.engine.loop import (
+    State,
+    TrainingError,
+    check_finite,
+    exit_early,
+    export,
+    finish,
+    resume,
+    save,
+    should_stop,
+    start,
+)
+from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.pairwise import pairwise_loss, pairwise_metrics
 from distributed_pt.models.loading import load_tokenizer
@@ -33,15 +43,9 @@ STATS_FILE = "reward_stats.json"
 
 
 def main(cfg: RMConfig) -> dict:
-    dist.init_distributed()
-    set_seed(cfg.train.seed)
     if cfg.lora.enabled and "score" not in cfg.lora.modules_to_save:
         cfg.lora.modules_to_save.append("score")  # the head always trains in full
-    out = Path(cfg.output_dir)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    out = start(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set, stats = load_preference_data(tokenizer, cfg.data, cfg.train.seed, cfg.reward.use_margin)
@@ -87,13 +91,7 @@ def main(cfg: RMConfig) -> dict:
                 "std": final_eval.get("eval/reward_std", 1.0),
             }
             (out / "final" / STATS_FILE).write_text(json.dumps(reward_stats, indent=1))
-    summary = {"stage": "rm", "steps": state.step, "before": first_eval, "after": final_eval}
-    if dist.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.summary(final_eval)
-    logger.close()
-    dist.destroy()
-    return summary
+    return finish(cfg, logger, state, first_eval, final_eval)
 
 
 def train(engine, cfg, train_set, batches, eval_set, tokenizer, logger, state, total_steps) -> None:

@@ -9,21 +9,30 @@ Outputs in `output_dir`: config.yaml, metrics.jsonl, checkpoints/, final/ (HF mo
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from distributed_pt.config import SFTConfig, save_config, to_dict
+from distributed_pt.config import SFTConfig, to_dict
 from distributed_pt.data.collate import ShardedBatches, collate
 from distributed_pt.data.sft import load_sft_data
 from distributed_pt.engine import dist
 from distributed_pt.engine.deepspeed import build_ds_config, initialize
 from distributed_pt.engine.generation import exact_match, greedy_answers
-from distributed_pt.engine.loop import State, TrainingError, check_finite, exit_early, export, resume, save, should_stop
-from distributed_pt.engine.metrics import StepTimer, set_seed
+from distributed_pt.engine.loop import (
+    State,
+    TrainingError,
+    check_finite,
+    exit_early,
+    export,
+    finish,
+    resume,
+    save,
+    should_stop,
+    start,
+)
+from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.logging import RunLogger
 from distributed_pt.losses.sft import causal_lm_loss
 from distributed_pt.models.fused_loss import enable_fused_loss, use_fused_loss
@@ -32,13 +41,7 @@ from distributed_pt.models.lora import apply_lora, count_trainable, prepare_for_
 
 
 def main(cfg: SFTConfig) -> dict:
-    dist.init_distributed()
-    set_seed(cfg.train.seed)
-    out = Path(cfg.output_dir)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    out = start(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set, eval_rows, stats = load_sft_data(tokenizer, cfg.data, cfg.train.seed)
@@ -81,13 +84,7 @@ def main(cfg: SFTConfig) -> dict:
     save(engine, cfg, state)
     if cfg.checkpoint.export_hf:
         export(engine, tokenizer, cfg, out / "final")
-    summary = {"stage": "sft", "steps": state.step, "before": first_eval, "after": final_eval}
-    if dist.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.summary(final_eval)
-    logger.close()
-    dist.destroy()
-    return summary
+    return finish(cfg, logger, state, first_eval, final_eval)
 
 
 def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused) -> None:
