@@ -57,6 +57,7 @@ class StepTimer:
     def __init__(self, engine):
         self.engine = engine
         self.n_params = num_parameters(engine.module)
+        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
         self.peak = peak_flops()
         self._reset()
 
@@ -85,7 +86,9 @@ class StepTimer:
             "optim_state_mib": optimizer_state_mib(self.engine.optimizer),
         }
         if self.peak:
-            # 6 FLOPs per parameter per token (forward + backward), over the whole job's peak.
-            metrics["mfu"] = 6 * self.n_params * metrics["tokens_per_s"] / (self.peak * dist.world_size())
+            # Per token: 2N forward + 2N for activation gradients + 2 per trainable parameter for weight gradients
+            # (6N for full fine-tuning; less with LoRA's frozen base), over the whole job's peak. Attention excluded.
+            flops_per_token = 4 * self.n_params + 2 * self.n_trainable
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (self.peak * dist.world_size())
         self._reset()
         return metrics

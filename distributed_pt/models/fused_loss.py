@@ -53,9 +53,11 @@ def enable_fused_loss(model: nn.Module) -> bool:
     head.softcap = getattr(model.config, "final_logit_softcapping", None)
     original = model.forward
 
-    def forward(self, input_ids=None, attention_mask=None, fused_labels=None, logprob_tokens=None, temperature=1.0):
-        if fused_labels is None and logprob_tokens is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(
+        self, input_ids=None, attention_mask=None, fused_labels=None, logprob_tokens=None, temperature=1.0, **kwargs
+    ):
+        if fused_labels is None and logprob_tokens is None:  # logits as usual (generation passes its cache here)
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         if fused_labels is not None:
             return self.get_output_embeddings()(out.last_hidden_state, labels=shift_labels(fused_labels))

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, sft_zero2_
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
+    """Each mistake stops the single-process entry point (`python -m distributed_pt.train`) with a clear message."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
     cases = {
@@ -116,9 +118,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
         "train.global_batch_size=7": "train.global_batch_size=7",
     }
     for override, message in cases.items():
-        proc = run_launcher(CONFIG, [*TINY_SFT, f"output_dir={tmp_path}", override], nproc=1, check=False)
-        assert proc.returncode != 0
-        assert message in proc.stderr + proc.stdout, (override, proc.stderr[-2000:])
+        cmd = [sys.executable, "-m", "distributed_pt.train", str(CONFIG), *TINY_SFT, f"output_dir={tmp_path}", override]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (override, proc.stderr[-2000:])
+        assert message in proc.stderr, (override, proc.stderr[-2000:])
 
 
 def test_non_finite_loss_stops_every_rank_naming_the_step(tmp_path):

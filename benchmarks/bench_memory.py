@@ -1,0 +1,634 @@
+"""Memory and speed of one SFT training step (forward, backward, optimizer step) on DeepSpeed ZeRO.
+
+Llama-style models are built with random weights from size presets (``PRESETS``) through the framework's own path
+(``load_model`` → ``apply_lora`` → ``enable_fused_loss`` → ``build_ds_config`` → ``initialize`` →
+``causal_lm_loss``). Providers (modes): ``full`` fine-tuning, ``lora`` (r=16 on all attention and MLP projections,
+torch path, logits + torch cross-entropy) and ``lora_fused`` (the Triton LoRA kernel + the fused LM-head
+cross-entropy). Cases: size × ZeRO stage × optimizer offload × gradient checkpointing at a sequence length and micro
+batch. Each case runs in fresh processes, one per rank (DeepSpeed engines do not free all memory on ``del``); a case
+that runs out of memory is recorded as not fitting (``fit`` = 0) and the sweep goes on.
+
+Per rank it records the model-state bytes actually held (``model_state_bytes``: parameters, gradients, optimizer
+state, counted tensor by tensor between backward and step), the ZeRO paper's prediction (``zero_model_state_bytes``)
+and their ratio; on CUDA also peak allocated/reserved memory and MFU; step time and tokens/s. benchmarks/README.md
+explains every column.
+
+Usage::
+
+    python -m benchmarks.bench_memory                      # default GPU sweep (below) → benchmarks/results/
+    python -m benchmarks.bench_memory --sizes 125m,1b,3b,8b --seq 2048 --micro-batch 1 --zero 0,1,2,3 \\
+        --modes full,lora,lora_fused --checkpointing both --offload both --out benchmarks/results
+    python -m benchmarks.bench_memory --cpu                # CPU sweep → bench_memory_cpu.json/.md/.png
+
+Default GPU sweep (one command, under 10 minutes on one H100 by estimate, not yet timed there): sizes 125m, 1b, 3b,
+8b × ZeRO 2, 3 × full, lora, lora_fused, with gradient checkpointing, no offload: 24 cases of ~10–20 s (process start,
+random init on the GPU, 2 warm-up + 3 timed steps; the first case also JIT-builds FusedAdam, ~40 s). With one GPU the
+stages cannot partition (N = 1): stages 0–2 predict the same 16Ψ. Offload cases are skipped above
+``--offload-max-size`` (3b: DeepSpeedCPUAdam on 8B needs ~100 GB of pinned host memory and seconds per step). Cases
+still waiting when ``--budget-min`` runs out are recorded as skipped, so the command always ends with results.
+
+CPU sweep (``--cpu``, ~7 min on 2 cores): presets tiny (4.2M) and small (30M, tied embeddings), seq 128, micro batch
+1, 2 gloo ranks at every stage, bf16 (ZeRO 0–3, offload and the interpreted kernels all work in bf16 on CPU), offload
+at stages 1–3, no checkpointing (it changes no model state, only time). ``lora_fused`` runs interpreted
+(``TRITON_INTERPRET=1``) on tiny without offload only: a step of small took 59 s. A case whose predicted model state
+exceeds ``--mem-cap-gib`` (CPU default: half the host RAM over the ranks) is recorded as not fitting before any weight
+is allocated; on CUDA the cap is a real allocator limit (``torch.cuda.set_per_process_memory_fraction``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import make_record, save_results
+
+BENCH = "bench_memory"
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "@@bench_memory@@"
+MODES = ("full", "lora", "lora_fused")
+LORA_R = 16
+# On CPU the Triton kernels run interpreted: a step of "small" took 59 s (tiny: 2-6 s), so lora_fused runs on these
+# only, and without offload (with it, the same kernels; cut to keep the CPU sweep under 10 minutes).
+CPU_FUSED_SIZES = ("micro", "tiny")
+# Llama-style shapes. 1b/3b/8b: Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B; 125m: GPT-3-small widths with Llama blocks.
+PRESETS: dict[str, dict] = {
+    "micro": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=128, tie_word_embeddings=False),  # 6,448 params: for the tests
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),  # 4.2M
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=5, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),  # 30M
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False),  # 134M
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # 1.24B
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # 3.21B
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # 8.03B
+}  # fmt: skip
+# The sweeps' defaults (see the module docstring); any flag overrides its entry.
+GPU_DEFAULTS = dict(sizes="125m,1b,3b,8b", seq=2048, zero="2,3", checkpointing="on", offload="off", steps=3,
+                    budget_min=9.0)  # fmt: skip
+CPU_DEFAULTS = dict(sizes="tiny,small", seq=128, zero="0,1,2,3", checkpointing="off", offload="both", steps=2,
+                    budget_min=20.0, world=2)  # fmt: skip
+_PARAM_ATTRS = ("bit16_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups_flat", "bf16_groups_flat",
+                "param_buffer_of_bit16_for_cpu_offload_groups")  # fmt: skip
+_GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
+               "fp32_groups_gradients_flat", "accumulated_grads_in_cpu")  # fmt: skip
+_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups_flat", "fp32_groups")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement: a model size under one ZeRO setting, trained in one mode."""
+
+    size: str
+    seq: int
+    micro_batch: int
+    zero: int
+    offload: bool
+    ckpt: bool
+    world: int
+    mode: str
+    dtype: str = "bf16"
+
+    def fields(self) -> dict:
+        """The record's case fields (the mode is the provider)."""
+        return dict(
+            size=self.size,
+            seq=self.seq,
+            mb=self.micro_batch,
+            zero=self.zero,
+            offload="on" if self.offload else "off",
+            ckpt="on" if self.ckpt else "off",
+            world=self.world,
+        )
+
+
+def zero_model_state_bytes(
+    n_params: int, stage: int, world: int, n_trainable: int | None = None, dtype: str = "bf16"
+) -> dict[str, float]:
+    """Model-state bytes per rank that the ZeRO paper predicts for Adam (Rajbhandari et al. 2020, Fig. 1).
+
+    Mixed precision (bf16/fp16) holds 2Ψ weights + 2Ψ gradients + 12Ψ optimizer state (fp32 master, m, v): 16Ψ at
+    stage 0; 4Ψ + 12Ψ/N at stage 1; 2Ψ + 14Ψ/N at stage 2; 16Ψ/N at stage 3. fp32 holds 4Ψ + 4Ψ + 8Ψ (no master).
+    Frozen parameters (LoRA) only hold weights: gradient and optimizer terms use ``n_trainable`` (default: all).
+
+    Returns:
+        {"params", "grads", "optimizer", "total"} in bytes.
+    """
+    trainable = n_params if n_trainable is None else n_trainable
+    weight_bytes, optim_bytes = (4, 8) if dtype == "fp32" else (2, 12)
+    params = weight_bytes * n_params / (world if stage >= 3 else 1)
+    grads = weight_bytes * trainable / (world if stage >= 2 else 1)
+    optimizer = optim_bytes * trainable / (world if stage >= 1 else 1)
+    return {"params": params, "grads": grads, "optimizer": optimizer, "total": params + grads + optimizer}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Tensors in a tensor, or a list/tuple/dict of them (nested), else none."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _inner_optimizer(optimizer):
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def model_state_bytes(engine) -> dict[str, dict[str, int]]:
+    """This rank's model-state bytes by category and device, each tensor's whole storage counted once.
+
+    * params: each module parameter's storage (under ZeRO-3 its ``ds_tensor`` partition, plus ``data`` when gathered
+      or persistent), the optimizer's flat 16-bit buffers and the offload's host copy (``_PARAM_ATTRS``);
+    * grads: each parameter's ``.grad``, the ZeRO gradient partitions (``_GRAD_ATTRS``) and the ``.grad`` of the fp32
+      master tensors (where offload writes gradients);
+    * master: the fp32 master weights (``_MASTER_ATTRS``); moments: every tensor in the innermost torch optimizer's
+      ``state`` (Adam ``exp_avg``, ``exp_avg_sq``, ``step``).
+
+    Not counted: activations, communication buckets (``ipg_buffer``), all-gather buffers, temporaries (the paper's
+    "residual states"). A view keeps its whole storage alive, so the storage is what is counted.
+
+    Returns:
+        {"params" | "grads" | "master" | "moments": {device type: bytes}}; categories are claimed in that order, so
+        a storage shared by two (a gradient view of a flat parameter buffer) counts in the first.
+    """
+    opt = engine.optimizer
+    masters = [t for a in _MASTER_ATTRS for t in _tensors(getattr(opt, a, None))]
+    params = []
+    for p in engine.module.parameters():
+        params += [t for t in (getattr(p, "ds_tensor", None), p.data) if t is not None]
+    params += [t for a in _PARAM_ATTRS for t in _tensors(getattr(opt, a, None))]
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    grads += [t for a in _GRAD_ATTRS for t in _tensors(getattr(opt, a, None))]
+    grads += [m.grad for m in masters if m.grad is not None]
+    inner = _inner_optimizer(opt)
+    moments = [t for state in getattr(inner, "state", {}).values() for t in _tensors(state)]
+
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, dict[str, int]] = {}
+    for category, tensors in (("params", params), ("grads", grads), ("master", masters), ("moments", moments)):
+        per_device = out.setdefault(category, {})
+        for t in tensors:
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                per_device[t.device.type] = per_device.get(t.device.type, 0) + storage.nbytes()
+    return out
+
+
+def _flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq: int) -> float:
+    """Model FLOPs per token of one training step (forward + backward, no recompute; attention as in PaLM app. B).
+
+    Matmuls: 2N forward + 2N for input gradients + 2N_trainable for weight gradients, N = weights of the linear layers
+    (LM head and LoRA adapters included, embedding lookups not); attention: 12 · layers · hidden · seq.
+    """
+    from distributed_pt.models.lora import LoraLinear
+
+    n_mm = n_train = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear | LoraLinear):
+            for p in (m.weight, getattr(m, "lora_A", None), getattr(m, "lora_B", None)):
+                if p is not None:
+                    n_mm += p.numel()
+                    n_train += p.numel() if p.requires_grad else 0
+    return 4.0 * n_mm + 2.0 * n_train + 12.0 * layers * hidden * seq
+
+
+class _VocabOnly:
+    """What ``load_model`` reads from a tokenizer: its length and special ids (random token ids need no more)."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
+    )
+
+
+def _host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _build(case: Case, device: torch.device, lora: bool):
+    """The model as users build it: load_model from an init_config, LoRA, fused loss. Returns (model, fused)."""
+    from distributed_pt.config import LoraConfig, ModelConfig
+    from distributed_pt.models.fused_loss import enable_fused_loss
+    from distributed_pt.models.loading import load_model
+    from distributed_pt.models.lora import apply_lora, prepare_for_gradient_checkpointing
+
+    preset = PRESETS[case.size]
+    init = {"model_type": "llama", **preset, "max_position_embeddings": max(case.seq, 128)}
+    cfg = ModelConfig(init_config=init, dtype=case.dtype, gradient_checkpointing=case.ckpt)
+    with device:  # random init where the model will live (8B on CPU first would take minutes)
+        model = load_model(cfg, _VocabOnly(preset["vocab_size"]))
+        if lora:
+            kernel = "triton" if case.mode == "lora_fused" else "torch"
+            apply_lora(model, LoraConfig(enabled=True, r=LORA_R, alpha=2.0 * LORA_R, kernel=kernel))
+            if case.ckpt:
+                prepare_for_gradient_checkpointing(model)
+    fused = case.mode == "lora_fused" and enable_fused_loss(model)
+    return model, fused
+
+
+def _engine(case: Case, device: torch.device):
+    """The model as users train it, inside a DeepSpeed engine from configs/deepspeed/zero<stage>.json. Returns
+    (engine, fused)."""
+    from distributed_pt.config import DeepSpeedConfig, OptimConfig, TrainConfig
+    from distributed_pt.engine.deepspeed import build_ds_config, initialize
+
+    torch.manual_seed(0)  # the same weights on every rank
+    model, fused = _build(case, device, case.mode != "full")
+    offload = True if case.offload else None  # None keeps the JSON's setting (none)
+    ds = DeepSpeedConfig(
+        config=f"configs/deepspeed/zero{case.zero}.json", zero_stage=case.zero, offload_optimizer=offload
+    )
+    train = TrainConfig(micro_batch_size=case.micro_batch, gradient_accumulation_steps=1)
+    optim = OptimConfig()
+    return initialize(model, build_ds_config(ds, train, optim, case.dtype, case.world), optim, 100), fused
+
+
+def _measure(case: Case, steps: int, mem_cap_gib: float | None, out: dict) -> None:
+    """Build, initialize and train one case on this rank, filling ``out`` (partly filled when it fails)."""
+    from distributed_pt.engine import dist
+    from distributed_pt.engine.metrics import peak_flops
+    from distributed_pt.losses.sft import causal_lm_loss
+    from distributed_pt.models.lora import count_trainable
+
+    cuda = torch.cuda.is_available()
+    preset = PRESETS[case.size]
+    meta, _ = _build(case, torch.device("meta"), case.mode != "full")  # exact counts before any memory is spent
+    n_trainable, n_params = count_trainable(meta)
+    flops = _flops_per_token(meta, preset["num_hidden_layers"], preset["hidden_size"], case.seq)
+    predicted = zero_model_state_bytes(n_params, case.zero, case.world, n_trainable, case.dtype)
+    out.update(n_params=n_params, n_trainable=n_trainable, predicted=predicted)
+    if not cuda and mem_cap_gib is not None and predicted["total"] > mem_cap_gib * 2**30:
+        raise torch.OutOfMemoryError(
+            f"predicted model state {predicted['total'] / 2**30:.2f} GiB > memory cap {mem_cap_gib:.2f} GiB per rank"
+        )
+
+    dist.init_distributed()
+    device = dist.device()
+    if cuda and mem_cap_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_cap_gib * 2**30 / total), device)
+    engine, fused = _engine(case, device)
+    gen = torch.Generator().manual_seed(1 + dist.rank())  # each rank its own random tokens
+    ids = torch.randint(0, preset["vocab_size"], (case.micro_batch, case.seq), generator=gen).to(device)
+    mask, labels = torch.ones_like(ids), ids.clone()
+    labels[:, : case.seq // 4] = -100  # a prompt quarter, as in SFT: the loss covers the response tokens only
+
+    def step(account: bool = False) -> dict | None:
+        loss = causal_lm_loss(engine, ids, mask, labels, fused)
+        engine.backward(loss)
+        state = model_state_bytes(engine) if account else None
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return state
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    out["measured"] = step(account=True)  # the 2nd step: Adam's moments exist, gradients not yet consumed
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    out["step_s"] = statistics.median(times)
+    if cuda:
+        out["peak_alloc"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+        if peak_flops():
+            out["mfu"] = 100 * flops * case.micro_batch * case.seq / out["step_s"] / peak_flops()
+    dist.destroy()
+
+
+def run_child(spec: dict) -> dict:
+    """One rank of one case (``--child``): its measurements, or status oom/error with a note; never raises."""
+    result = {"rank": int(os.environ.get("RANK", 0)), "status": "ok"}
+    try:
+        _measure(Case(**spec["case"]), spec["steps"], spec.get("mem_cap_gib"), result)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a record, the sweep goes on
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        result.update(status="oom" if _is_oom(err) else "error", note=f"{type(err).__name__}: {first}")
+        if result["status"] == "error":
+            traceback.print_exc()
+    return result
+
+
+def launch(case: Case, *, steps: int, mem_cap_gib: float | None, timeout_s: float, cpu: bool) -> list[dict]:
+    """Run one case in ``case.world`` fresh processes (one per rank, env vars as torchrun sets them).
+
+    Returns:
+        One result per rank: status ok / oom / error / timeout / aborted (stopped after a peer failed), and on ok
+        the measurements of ``_measure``.
+    """
+    from distributed_pt.engine.dist import free_port
+
+    spec = json.dumps({"case": dataclasses.asdict(case), "steps": steps, "mem_cap_gib": mem_cap_gib})
+    port, threads = str(free_port()), str(max(1, (os.cpu_count() or 1) // case.world))
+    procs, logs = [], []
+    for rank in range(case.world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(case.world),
+            LOCAL_WORLD_SIZE=str(case.world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+        )
+        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        env.setdefault("OMP_NUM_THREADS", threads)
+        if cpu:
+            env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+            if case.mode == "lora_fused":
+                env["TRITON_INTERPRET"] = "1"  # the Triton kernels run interpreted on CPU
+        logs.append(tempfile.TemporaryFile(mode="w+"))
+        cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", spec]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    deadline, timed_out = time.monotonic() + timeout_s, False
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        done = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if any(procs[i].returncode != 0 or _read_result(logs[i]).get("status") != "ok" for i in done):
+            break  # one rank failed: its peers would wait in a collective until the timeout
+        time.sleep(0.2)
+    killed = set()
+    for i, p in enumerate(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # our own child's session (start_new_session), nothing else
+            p.wait()
+            killed.add(i)
+    results = []
+    for i, p in enumerate(procs):
+        res = _read_result(logs[i])
+        if not res:
+            tail = " | ".join(_log_text(logs[i]).strip().splitlines()[-3:])[-400:]
+            if i in killed:
+                res = {
+                    "status": "timeout" if timed_out else "aborted",
+                    "note": f"killed after {timeout_s:.0f} s" if timed_out else "stopped after a peer failed",
+                }
+            else:
+                res = {"status": "error", "note": f"exit code {p.returncode}: {tail}"}
+            res["rank"] = i
+        results.append(res)
+        logs[i].close()
+    return results
+
+
+def _log_text(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def _read_result(log) -> dict:
+    """The child's MARKER line (read only once the child has exited: the log's offset is shared with it)."""
+    lines = [ln for ln in _log_text(log).splitlines() if ln.startswith(MARKER)]
+    try:
+        return json.loads(lines[-1][len(MARKER) :]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def aggregate(results: list[dict]) -> dict:
+    """One case's result from its ranks: the first failure, else the worst rank's memory and step time."""
+    for status in ("oom", "error", "timeout", "aborted"):
+        bad = [r for r in results if r.get("status") == status]
+        if bad:
+            partial = next((r for r in results if "predicted" in r), {})
+            return {**partial, "status": status, "note": f"rank {bad[0]['rank']}: {bad[0].get('note', '')}"}
+    totals = [sum(sum(d.values()) for d in r["measured"].values()) for r in results]
+    worst = results[max(range(len(results)), key=totals.__getitem__)]
+    agg = {**results[0], "per_rank_model_state": totals, "model_state": max(totals), "breakdown": worst["measured"]}
+    for key in ("step_s", "peak_alloc", "peak_reserved"):
+        if key in results[0]:
+            agg[key] = max(r[key] for r in results)
+    if "mfu" in results[0]:
+        agg["mfu"] = min(r["mfu"] for r in results)
+    return agg
+
+
+def records_for(case: Case, res: dict, bench: str, cuda: bool) -> list[dict]:
+    """The flat records of one case × mode; the first metric is the one the harness plots."""
+    nan = float("nan")
+    scale, unit = (2**30, "GiB") if cuda else (2**20, "MiB")
+    pred = res.get("predicted", {}).get("total", nan)
+    state = res.get("model_state", nan)
+    rows = []
+    if cuda:
+        rows += [("peak_alloc", res.get("peak_alloc", nan) / scale, unit)]
+        rows += [("peak_reserved", res.get("peak_reserved", nan) / scale, unit)]
+    rows += [
+        ("model_state", state / scale, unit),
+        ("predicted", pred / scale, unit),
+        ("state_ratio", state / pred, "x"),
+    ]
+    if cuda:
+        rows += [("peak_ratio", res.get("peak_alloc", nan) / pred, "x")]
+    rows += [("step_time", res.get("step_s", nan), "s"), ("tokens_per_s", res.get("tokens_per_s", nan), "tok/s")]
+    if cuda:
+        rows += [("mfu", res.get("mfu", nan), "%")]
+    rows += [("fit", {"ok": 1.0, "oom": 0.0}.get(res["status"], nan), "1=fits")]
+    extra = {"status": res["status"], "dtype": case.dtype}
+    extra.update({k: res[k] for k in ("note", "n_params", "n_trainable") if k in res})
+    out = []
+    for metric, value, u in rows:
+        rec = make_record(bench, case.fields(), case.mode, metric, value, u) | extra
+        if metric == "model_state" and "breakdown" in res:
+            rec.update(breakdown_bytes=res["breakdown"], per_rank_bytes=res["per_rank_model_state"])
+        if metric == "predicted" and "predicted" in res:
+            rec["predicted_bytes"] = res["predicted"]
+        out.append(rec)
+    return out
+
+
+def sweep(
+    plan: list[tuple[Case, str | None]],
+    *,
+    bench: str,
+    steps: int,
+    mem_cap_gib: float | None,
+    case_timeout_s: float,
+    budget_s: float,
+    cpu: bool,
+) -> list[dict]:
+    """Run every planned case (a reason instead of None skips it) and return all records; never raises on a case."""
+    start, records = time.monotonic(), []
+    for case, reason in plan:
+        if reason is None and time.monotonic() - start > budget_s:
+            reason = f"time budget of {budget_s / 60:.1f} min spent"
+        if reason is not None:
+            res = {"status": "skipped", "note": reason}
+        else:
+            res = aggregate(launch(case, steps=steps, mem_cap_gib=mem_cap_gib, timeout_s=case_timeout_s, cpu=cpu))
+            if res["status"] == "ok":
+                res["tokens_per_s"] = case.world * case.micro_batch * case.seq / res["step_s"]
+        line = f"{case.mode:10s} {json.dumps(case.fields())}: {res['status']}"
+        if res["status"] == "ok":
+            line += (
+                f"  model state {res['model_state'] / 2**20:.1f} MiB (predicted "
+                f"{res['predicted']['total'] / 2**20:.1f}), {res['step_s']:.3f} s/step"
+            )
+            if "peak_alloc" in res:
+                line += f", peak {res['peak_alloc'] / 2**30:.2f} GiB"
+        print(f"[{time.monotonic() - start:5.0f} s] {line} {res.get('note', '')}", flush=True)
+        records += records_for(case, res, bench, cuda=not cpu)
+    return records
+
+
+def make_plan(args: argparse.Namespace, cpu: bool) -> list[tuple[Case, str | None]]:
+    """Cases in sweep order (size, stage, offload, checkpointing, mode), each with a skip reason or None."""
+    sizes, modes = args.sizes.split(","), args.modes.split(",")
+    unknown = [s for s in [*sizes, args.offload_max_size] if s not in PRESETS] + sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"unknown size(s) or mode(s) {unknown}; presets: {', '.join(PRESETS)}; modes: {MODES}")
+    both = {"on": [True], "off": [False], "both": [False, True]}
+    stages = [int(z) for z in args.zero.split(",")]
+    order, plan = list(PRESETS), []
+    grid = itertools.product(sizes, stages, both[args.offload], both[args.checkpointing], modes)
+    for size, zero, offload, ckpt, mode in grid:
+        if offload and zero == 0:
+            continue  # offload needs a ZeRO optimizer
+        reason = None
+        if offload and order.index(size) > order.index(args.offload_max_size):
+            reason = f"offload skipped above {args.offload_max_size} (--offload-max-size)"
+        elif cpu and mode == "lora_fused" and size not in CPU_FUSED_SIZES:
+            reason = "Triton interpreter too slow at this size on CPU (small: 59 s/step); GPU only"
+        elif cpu and mode == "lora_fused" and offload:
+            reason = "interpreted kernels with offload: left out on CPU for time (see offload=off)"
+        case = Case(size, args.seq, args.micro_batch, zero, offload, ckpt, args.world, mode, args.dtype)
+        plan.append((case, reason))
+    return plan
+
+
+def write_notes(md_path: Path, records: list[dict]) -> None:
+    """Append what is counted and every case that did not run, with its reason, to the rendered table."""
+    lines = [
+        "",
+        "## Notes",
+        "",
+        "- `model_state`: this rank's parameters (ZeRO-3: its partition + persistent/gathered ones), gradients "
+        "(`.grad` + ZeRO gradient partitions) and optimizer state (fp32 master + Adam moments + step scalars), "
+        "each storage once, taken between backward and step; the largest rank. Activations and communication "
+        "buffers are not counted (see `benchmarks/bench_memory.py`).",
+        "- `predicted`: ZeRO paper, mixed-precision Adam: 2Ψ weights + 2Ψ grads + 12Ψ optimizer; stage 1 "
+        "4Ψ + 12Ψ/N, stage 2 2Ψ + 14Ψ/N, stage 3 16Ψ/N; for LoRA the frozen weights hold only the 2Ψ term.",
+        "- `fit`: 1 ran, 0 out of memory (did not fit), n/a skipped or failed (below).",
+        "",
+    ]
+    seen = set()
+    for r in records:
+        key = (r["case"], r["provider"])
+        if r.get("status") != "ok" and key not in seen:
+            seen.add(key)
+            lines.append(f"- `{r['case']}` {r['provider']}: {r['status']}: {r.get('note', '')}")
+    with md_path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="CPU sweep: tiny/small, seq 128, 2 gloo ranks")
+    parser.add_argument("--sizes", help=f"comma-separated presets ({', '.join(PRESETS)})")
+    parser.add_argument("--seq", type=int, help="sequence length (GPU 2048, CPU 128)")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--zero", help="ZeRO stages (GPU 2,3; CPU 0,1,2,3)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--checkpointing", choices=("on", "off", "both"), help="gradient checkpointing (GPU on)")
+    parser.add_argument("--offload", choices=("on", "off", "both"), help="optimizer offload to CPU (GPU off)")
+    parser.add_argument("--offload-max-size", default="3b", help="skip offload cases above this preset")
+    parser.add_argument("--world", type=int, help="ranks per case (GPU: all visible GPUs; CPU: 2)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--steps", type=int, help="timed steps after 2 warm-up steps (GPU 3, CPU 2)")
+    parser.add_argument("--mem-cap-gib", type=float, help="memory cap per rank (CPU default: RAM / 2 / ranks)")
+    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case is killed")
+    parser.add_argument("--budget-min", type=float, help="start no case after this many minutes (GPU 9, CPU 20)")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder")
+    parser.add_argument("--name", help="results file stem (default bench_memory, or bench_memory_cpu with --cpu)")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log the records as a W&B table")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one rank of one case (internal)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = run_child(json.loads(args.child))
+        print(MARKER + json.dumps(result), flush=True)
+        if result["status"] != "ok":
+            os._exit(0)  # peers may wait in a collective: the parent ends them; no teardown that could hang here
+        return
+
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for a GPU: records say cpu
+    elif not torch.cuda.is_available():
+        sys.exit(f"{BENCH}: needs a CUDA GPU (none found); use --cpu for the CPU sweep")
+    cpu = args.cpu
+    defaults = CPU_DEFAULTS if cpu else {**GPU_DEFAULTS, "world": torch.cuda.device_count()}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if cpu and args.mem_cap_gib is None:
+        args.mem_cap_gib = _host_ram_bytes() / 2 / args.world / 2**30
+    bench = args.name or (f"{BENCH}_cpu" if cpu else BENCH)
+
+    plan = make_plan(args, cpu)
+    print(f"{bench}: {len(plan)} cases, {args.world} rank(s) each, {args.dtype}", flush=True)
+    t0 = time.monotonic()
+    records = sweep(
+        plan,
+        bench=bench,
+        steps=args.steps,
+        mem_cap_gib=args.mem_cap_gib,
+        case_timeout_s=args.case_timeout,
+        budget_s=args.budget_min * 60,
+        cpu=cpu,
+    )
+    path = save_results(bench, records, args.out, wandb_project=args.wandb)
+    write_notes(path.with_suffix(".md"), records)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')} in {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
