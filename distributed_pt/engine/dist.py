@@ -65,6 +65,13 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def equal_share(items: list) -> list:
+    """This rank's strided share of `items`, the same length on every rank (a remainder under world size is left
+    out), so collective work such as ZeRO-3's parameter gathers stays in step across ranks."""
+    r, w = rank(), world_size()
+    return items[r : len(items) // w * w : w]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

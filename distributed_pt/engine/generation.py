@@ -61,8 +61,7 @@ def normalize(text: str) -> str:
 
 def greedy_answers(engine, rows, tokenizer, batch_size: int, max_new_tokens: int) -> list[tuple[dict, str]]:
     """Greedy responses for this rank's equal share of `rows` (a remainder under world size is left out)."""
-    rank, world = dist.rank(), dist.world_size()
-    mine = rows[rank : len(rows) // world * world : world]
+    mine = dist.equal_share(rows)
     results = []
     for i in range(0, len(mine), batch_size):
         chunk = [r.data for r in mine[i : i + batch_size]]

@@ -54,17 +54,21 @@ def finish(cfg, logger, state: State, before: dict, after: dict) -> dict:
     return summary
 
 
-def resume(engine, cfg, state: State) -> None:
-    """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one), if any."""
+def resume(engines, cfg, state: State) -> dict:
+    """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one), if any, into `engines` (one
+    engine or {name: engine}). Returns the saved client state ({} when starting fresh)."""
     found = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
-    if found is not None:
-        client = checkpoint.load(engine, *found)
-        state.step, state.micro_step = client["step"], client["micro_step"]
+    if found is None:
+        return {}
+    client = checkpoint.load(engines, *found)
+    state.step, state.micro_step = client["step"], client["micro_step"]
+    return client
 
 
-def save(engine, cfg, state: State) -> None:
-    client = {"step": state.step, "micro_step": state.micro_step}
-    checkpoint.save(engine, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
+def save(engines, cfg, state: State, **extra) -> None:
+    """Checkpoint `engines` with the run state (and any `extra` client state, e.g. PPO's KL controller)."""
+    client = {"step": state.step, "micro_step": state.micro_step, **extra}
+    checkpoint.save(engines, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -37,9 +37,9 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def num_parameters(module: torch.nn.Module) -> int:
-    """All parameters, counting ZeRO-3 partitioned ones at their full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+def num_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters (all, or those that train), counting ZeRO-3 partitioned ones at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def optimizer_state_mib(optimizer) -> float:
@@ -57,7 +57,7 @@ class StepTimer:
     def __init__(self, engine):
         self.engine = engine
         self.n_params = num_parameters(engine.module)
-        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+        self.n_trainable = num_parameters(engine.module, trainable_only=True)
         self.peak = peak_flops()
         self._reset()
 

@@ -527,9 +527,7 @@ def merged_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, to
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; full sizes under ZeRO-3 (``ds_numel``), shared parameters once."""
-    trainable = total = 0
-    for p in _unwrap(model).parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+    from distributed_pt.engine.metrics import num_parameters
+
+    model = _unwrap(model)
+    return num_parameters(model, trainable_only=True), num_parameters(model)

@@ -36,6 +36,8 @@ from distributed_pt.engine.loop import (
     exit_early,
     export,
     finish,
+    resume,
+    save,
     should_stop,
     start,
 )
@@ -71,10 +73,9 @@ def main(cfg: PPOConfig) -> dict:
     )
 
     models = build_models(cfg, tokenizer)
-    per_rollout = ppo.rollout_batch_size // cfg.train.micro_batch_size * ppo.ppo_epochs
     batches = ShardedBatches(len(train_prompts), ppo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches.per_epoch)
-    n_updates = total_steps * per_rollout // cfg.train.gradient_accumulation_steps
+    n_updates = total_steps * micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps
     ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
     models.actor = initialize(models.actor, ds_config, cfg.optim, n_updates)
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
@@ -88,10 +89,8 @@ def main(cfg: PPOConfig) -> dict:
         else FixedKLController(ppo.kl_coef)
     )
     state = State()
-    found = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
-    if found is not None:
-        client = checkpoint.load(engines, *found)
-        state.step, state.micro_step = client["step"], client["micro_step"]
+    client = resume(engines, cfg, state)
+    if client:
         kl_ctl.load_state_dict(client["kl_ctl"])
     logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
     state.install_sigterm()
@@ -121,7 +120,7 @@ def main(cfg: PPOConfig) -> dict:
 
     final_eval = evaluate(models, eval_rows, tokenizer, cfg)
     logger.log(final_eval, step=state.step)
-    save(engines, cfg, state, kl_ctl)
+    save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
     if cfg.checkpoint.export_hf:
         export(models.actor, tokenizer, cfg, out / "final")
         checkpoint.export_hf(models.critic, tokenizer, out / "critic")
@@ -134,7 +133,7 @@ def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer,
     ptx_batches = (
         ShardedBatches(
             len(ptx_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed
-        ).iterate(state.step * 10**6)
+        ).iterate(state.step * micro_batches_per_step(cfg))
         if ptx_set
         else None
     )
@@ -161,10 +160,15 @@ def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer,
             logger.log(evaluate(models, eval_rows, tokenizer, cfg), step=state.step)
         stop = should_stop(state)
         if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
-            save(engines, cfg, state, kl_ctl)
+            save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
         if stop:
             break
     bar.close()
+
+
+def micro_batches_per_step(cfg: PPOConfig) -> int:
+    """Minibatches one PPO step trains on (and ptx batches it consumes): epochs x rollout / micro batch."""
+    return cfg.ppo.rollout_batch_size // cfg.train.micro_batch_size * cfg.ppo.ppo_epochs
 
 
 def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> dict[str, float]:
@@ -244,9 +248,9 @@ def evaluate(models, rows, tokenizer, cfg: PPOConfig) -> dict[str, float]:
     answer. Equal shares per rank (a remainder under world size is left out) so ZeRO-3 gathers stay in step."""
     if not rows or cfg.eval.num_generate <= 0:
         return {}
-    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
+    mbs = cfg.train.micro_batch_size
     rows = rows[: cfg.eval.num_generate]
-    mine = rows[rank : len(rows) // world * world : world]
+    mine = dist.equal_share(rows)
     sums = torch.zeros(5, dtype=torch.float64)  # score, correct, with answer, length, n
     for i in range(0, len(mine), mbs):
         chunk = [r.data for r in mine[i : i + mbs]]
@@ -362,11 +366,6 @@ def check_tokenizers_agree(tokenizer, cfg: PPOConfig) -> None:
             )
         if other.chat_template != tokenizer.chat_template:
             raise ConfigError(f"{key}: the tokenizer at '{path}' has a different chat template from the actor's")
-
-
-def save(engines, cfg: PPOConfig, state: State, kl_ctl) -> None:
-    client = {"step": state.step, "micro_step": state.micro_step, "kl_ctl": kl_ctl.state_dict()}
-    checkpoint.save(engines, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
 
 
 def log_samples(exp, tokenizer, logger, step: int, n: int = 4) -> None:

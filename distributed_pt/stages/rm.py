@@ -133,8 +133,8 @@ def evaluate(engine, eval_set, tokenizer, cfg: RMConfig) -> dict:
     if not eval_set:
         return {}
     engine.eval()
-    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
-    mine = eval_set[rank : len(eval_set) // world * world : world]
+    mbs = cfg.train.micro_batch_size
+    mine = dist.equal_share(eval_set)
     sums = torch.zeros(6)  # loss*n, correct, margin, pairs, reward sum, reward^2 sum
     for i in range(0, len(mine), mbs):
         ids, mask, margin = collate_pairs(mine[i : i + mbs], tokenizer.pad_token_id)

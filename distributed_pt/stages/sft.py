@@ -128,8 +128,8 @@ def evaluate(engine, eval_set, eval_rows, tokenizer, cfg: SFTConfig, fused: bool
     if not eval_set:
         return {}
     engine.eval()
-    rank, world, mbs = dist.rank(), dist.world_size(), cfg.train.micro_batch_size
-    mine = eval_set[rank : len(eval_set) // world * world : world]
+    mbs = cfg.train.micro_batch_size
+    mine = dist.equal_share(eval_set)
     totals = torch.zeros(2)
     for i in range(0, len(mine), mbs):
         b = collate(mine[i : i + mbs], tokenizer.pad_token_id).to(engine.device)
