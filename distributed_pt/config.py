@@ -199,6 +199,8 @@ class PPOSection:
     whiten_advantages: bool = True
     # PPO updates: epochs over each rollout in minibatches of train.micro_batch_size.
     ppo_epochs: int = 1
+    # The first N steps train only the critic (the actor is frozen) so advantages start from a fitted baseline.
+    critic_warmup_steps: int = 0
     clip_ratio: float = 0.2
     value_clip: float = 0.2
     entropy_coef: float = 0.0

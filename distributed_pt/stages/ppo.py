@@ -75,9 +75,11 @@ def main(cfg: PPOConfig) -> dict:
     models = build_models(cfg, tokenizer)
     batches = ShardedBatches(len(train_prompts), ppo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches.per_epoch)
-    n_updates = total_steps * micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps
+    per_step = micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps  # optimizer steps per PPO step
+    n_updates = total_steps * per_step
     ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
-    models.actor = initialize(models.actor, ds_config, cfg.optim, n_updates)
+    actor_updates = max(total_steps - ppo.critic_warmup_steps, 1) * per_step  # the actor waits out the warm-up
+    models.actor = initialize(models.actor, ds_config, cfg.optim, actor_updates)
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
     critic_config = build_ds_config(cfg.deepspeed, cfg.train, critic_optim, cfg.model.dtype, dist.world_size())
     models.critic = initialize(models.critic, critic_config, critic_optim, n_updates)
@@ -133,7 +135,7 @@ def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer,
     ptx_batches = (
         ShardedBatches(
             len(ptx_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed
-        ).iterate(state.step * micro_batches_per_step(cfg))
+        ).iterate(max(state.step - ppo.critic_warmup_steps, 0) * micro_batches_per_step(cfg))
         if ptx_set
         else None
     )
@@ -178,39 +180,41 @@ def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> 
     totals: dict[str, float] = {}
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    train_actor = step >= ppo.critic_warmup_steps
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(exp.sequences.size(0), generator=g).split(mbs):
             mb = exp.select(rows.to(exp.sequences.device))
-            logprobs, entropy = token_logprobs(models.actor, mb.sequences, mb.attention_mask, ppo.temperature)
-            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio)
-            ent = masked_mean(entropy, mb.action_mask)
-            actor_loss = pg_loss - ppo.entropy_coef * ent
-            if ptx_batches is not None:
-                _, idx = next(ptx_batches)
-                batch = collate([ptx_set[i] for i in idx], tokenizer.pad_token_id).to(models.actor.device)
-                ptx = causal_lm_loss(models.actor, batch.input_ids, batch.attention_mask, batch.labels, models.fused)
-                actor_loss = actor_loss + ppo.ptx_coef * ptx
-                pg_stats["ptx_loss"] = ptx.item()
-            check_finite(actor_loss, step + 1)
-            models.actor.backward(actor_loss)
-            models.actor.step()
+            row = actor_update(models, mb, cfg, step, ptx_set, ptx_batches, tokenizer) if train_actor else {}
 
             values = models.critic(input_ids=mb.sequences, attention_mask=mb.attention_mask, token_scores=True)[:, :-1]
             v_loss, v_stats = value_loss(values, mb.values, mb.returns, mb.action_mask, ppo.value_clip)
             check_finite(v_loss, step + 1)
             models.critic.backward(v_loss)
             models.critic.step()
-            row = {
-                "policy_loss": pg_loss.item(),
-                "value_loss": v_loss.item(),
-                "entropy": ent.item(),
-                **pg_stats,
-                **v_stats,
-            }
+            row.update(value_loss=v_loss.item(), **v_stats)
             for k, v in row.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
     return {k: v / n for k, v in totals.items()}
+
+
+def actor_update(models, mb, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> dict[str, float]:
+    """One actor step on a minibatch: clipped policy loss - entropy bonus (+ ptx_coef * SFT loss on a ptx batch)."""
+    ppo = cfg.ppo
+    logprobs, entropy = token_logprobs(models.actor, mb.sequences, mb.attention_mask, ppo.temperature)
+    pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio)
+    ent = masked_mean(entropy, mb.action_mask)
+    loss = pg_loss - ppo.entropy_coef * ent
+    if ptx_batches is not None:
+        _, idx = next(ptx_batches)
+        batch = collate([ptx_set[i] for i in idx], tokenizer.pad_token_id).to(models.actor.device)
+        ptx = causal_lm_loss(models.actor, batch.input_ids, batch.attention_mask, batch.labels, models.fused)
+        loss = loss + ppo.ptx_coef * ptx
+        stats["ptx_loss"] = ptx.item()
+    check_finite(loss, step + 1)
+    models.actor.backward(loss)
+    models.actor.step()
+    return {"policy_loss": pg_loss.item(), "entropy": ent.item(), **stats}
 
 
 def rollout_metrics(exp, timing, train_time, stats, kl_ctl, epochs) -> dict[str, float]:

@@ -67,13 +67,17 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, ppo_zero2_run, sft_zero2
 
 
 def test_zero3_with_lora_reference_as_adapters_off(tmp_path, sft_zero2_run, rm_zero2_run, zero3_partitioned):
+    """Also: with ppo.critic_warmup_steps=1 the first step trains only the critic."""
     overrides = _overrides(
         sft_zero2_run, rm_zero2_run, tmp_path, f"deepspeed.config={zero3_partitioned}", "lora.enabled=true",
-        "lora.r=4", "optim.lr=1e-3", "checkpoint.save_every=0",
+        "lora.r=4", "optim.lr=1e-3", "checkpoint.save_every=0", "ppo.critic_warmup_steps=1",
     )  # fmt: skip
     proc = run_launcher(CONFIG, overrides)
     assert "reference: the actor with LoRA adapters off" in proc.stdout
-    steps = _steps(tmp_path)
+    steps = {m["step"]: m for m in read_metrics(tmp_path) if "value_loss" in m}
     assert sorted(steps) == list(range(1, STEPS + 1))
-    assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert "policy_loss" not in steps[1] and all("policy_loss" in steps[s] for s in range(2, STEPS + 1))
+    # The actor did not move in the warm-up step (step 2's rollout is still the reference's), then it does.
+    assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[2]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert any(abs(steps[s]["kl"]) > 1e-6 for s in range(3, STEPS + 1))
     assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").is_file()
