@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{BENCH}: needs a CUDA GPU (none found or --device {args.device}); "
                      "use --cpu-smoke to check the script on CPU")  # fmt: skip
         device = args.device
-        torch.cuda.set_device(device)
+        if ":" in device:  # torch >= 2.11 refuses an index-less "cuda" here; it means the current device
+            torch.cuda.set_device(device)
         grid = itertools.product([8192], [128256], HEADS) if args.quick else itertools.product(TOKENS, VOCABS, HEADS)
         cases = [dict(tokens=t, hidden=HIDDEN, vocab=v, head=head) for t, v, head in grid]
 

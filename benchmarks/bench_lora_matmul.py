@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{BENCH}: needs a CUDA GPU (none found or --device {args.device}); "
                      "use --cpu-smoke to check the script on CPU")  # fmt: skip
         device = args.device
-        torch.cuda.set_device(device)
+        if ":" in device:  # torch >= 2.11 refuses an index-less "cuda" here; it means the current device
+            torch.cuda.set_device(device)
         if args.quick:
             cases = [dict(tokens=8192, k=4096, n=4096, r=16)]
         else:

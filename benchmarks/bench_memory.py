@@ -20,10 +20,11 @@ Usage::
         --modes full,lora,lora_fused --checkpointing both --offload both --out benchmarks/results
     python -m benchmarks.bench_memory --cpu                # CPU sweep → bench_memory_cpu.json/.md/.png
 
-Default GPU sweep (one command, under 10 minutes on one H100 by estimate, not yet timed there): sizes 125m, 1b, 3b,
-8b × ZeRO 2, 3 × full, lora, lora_fused, with gradient checkpointing, no offload: 24 cases of ~10–20 s (process start,
-random init on the GPU, 2 warm-up + 3 timed steps; the first case also JIT-builds FusedAdam, ~40 s). With one GPU the
-stages cannot partition (N = 1): stages 0–2 predict the same 16Ψ. Offload cases are skipped above
+Default GPU sweep: sizes 125m, 1b, 3b, 8b × ZeRO 2, 3 × full, lora, lora_fused, with gradient checkpointing, no
+offload: 24 cases of 25–30 s each on one H100 (timed 2026-11-23: process start, random init on the GPU, DeepSpeed
+initialize, 2 warm-up + 3 timed steps; the first case also JIT-builds FusedAdam, ~40 s), ~12 min in all: more than one
+10-minute command, so the default ``--budget-min`` 9 skips the last cases; split the sizes over two commands. With
+one GPU the stages cannot partition (N = 1): stages 0–2 predict the same 16Ψ. Offload cases are skipped above
 ``--offload-max-size`` (3b: DeepSpeedCPUAdam on 8B needs ~100 GB of pinned host memory and seconds per step). Cases
 still waiting when ``--budget-min`` runs out are recorded as skipped, so the command always ends with results.
 

@@ -51,8 +51,9 @@ def env_info() -> dict[str, str]:
     try:
         info["git_sha"] = _git("rev-parse", "--short", "HEAD")
         info["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
-    except (OSError, subprocess.SubprocessError):
-        info["git_sha"], info["git_dirty"] = "unknown", "unknown"
+    except (OSError, subprocess.SubprocessError):  # e.g. a copy of the tree without .git (a remote GPU machine)
+        info["git_sha"] = os.environ.get("BENCH_GIT_SHA", "unknown")
+        info["git_dirty"] = os.environ.get("BENCH_GIT_DIRTY", "unknown")
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return info
 

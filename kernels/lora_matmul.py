@@ -24,8 +24,9 @@ interpreter; this gives the same products (exact bf16×bf16 in fp32). fp32 input
 ``torch.backends.cuda.matmul.allow_tf32`` is set, like ``torch.matmul``.
 
 Target on one H100 (8192 tokens, 4096→4096, r=16, bf16, forward+backward): frozen base GEMMs alone 0.80 ms, naive torch
-LoRA 1.20 ms, PEFT 2.04 ms; the aim is within 1.10× of the base GEMMs. Not yet measured: see
-``benchmarks/bench_lora_matmul.py``.
+LoRA 1.20 ms, PEFT 2.04 ms; the aim is within 1.10× of the base GEMMs. Measured on an H100 (2026-11-23,
+``benchmarks/results/bench_lora_matmul_h100.md``): base GEMMs 0.693 ms, this kernel 0.986 ms (1.42×: target missed),
+naive torch 1.116 ms, PEFT 1.120 ms; at 4096→1024 (k/v projections) it is slower than PEFT (1.45× at r=16).
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ else:
 _DROPOUT_BLOCK = (64, 64) if _INTERPRET else (32, 128)  # elementwise tile; to be measured on GPU
 
 
+def _prune_configs(configs, named_args, **kwargs):  # noqa: ANN001, ANN003
+    """Drop the tile configs whose pipelined operand tiles cannot fit the GPU's shared memory (fp32 inputs): they
+    would be compiled in full before failing at launch, the bulk of the first call's autotuning time."""
+    if _INTERPRET or len(configs) <= 1:
+        return configs
+    elem = named_args["a_ptr"].element_size()
+    limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
+
+    def smem(c):  # noqa: ANN001, ANN202
+        k = c.kwargs
+        return (k["BLOCK_M"] + k["BLOCK_P"]) * k["BLOCK_Q"] * elem * max(c.num_stages, 1)
+
+    fit = [c for c in configs if smem(c) <= limit]
+    return fit or [min(configs, key=smem)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,7 +101,9 @@ def _dropout_kernel(
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "P", "Q", "BLOCK_R"])
+@triton.autotune(
+    configs=_CONFIGS, key=["M_BUCKET", "P", "Q", "BLOCK_R"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,

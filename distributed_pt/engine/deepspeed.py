@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,19 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
     return f
 
 
+def _ds_arch_list_ok(value: str) -> bool:
+    """Whether DeepSpeed's JIT builder can parse a TORCH_CUDA_ARCH_LIST value (non-empty, `X.Y[+PTX]` entries)."""
+    entries = value.replace(";", " ").split()
+    return bool(entries) and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries)
+
+
 def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int):
     """`deepspeed.initialize` with decay/no-decay groups and our warm-up + decay schedule. Returns the engine."""
     import deepspeed
 
-    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        # FusedAdam JIT-builds for the archs listed here; unset, DeepSpeed mis-parses some device names.
+    if torch.cuda.is_available() and not _ds_arch_list_ok(os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+        # FusedAdam JIT-builds for the archs listed here. DeepSpeed parses only `X.Y` / `X.Y+PTX` entries: a value
+        # such as torch's `9.0a` (set by some CUDA images) fails with "invalid literal for int() ... '0a'".
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     schedule = lr_lambda(optim, total_steps)

@@ -82,11 +82,13 @@ def device() -> torch.device:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (returns a new tensor; works for gloo and NCCL)."""
-    t = t.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum a tensor over ranks (returns a new tensor on t's device; works for gloo and NCCL, which reduces only CUDA
+    tensors: a CPU tensor goes through this rank's GPU)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t.clone()
+    out = t.to(device(), copy=True) if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def broadcast_object(obj):

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.lora_matmul is imported (CPU only here)
+if not torch.cuda.is_available():  # set for the whole process: on a GPU it would make every later kernel
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreted (before kernels.lora_matmul is imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 peft = pytest.importorskip("peft")
@@ -330,6 +331,9 @@ def test_triton_kernel_path_matches_torch() -> None:
     nn.init.normal_(ours["torch"].lora_B)
     ours["triton"].lora_B.data.copy_(ours["torch"].lora_B)
     x = torch.randn(2, 16, 32)
+    if torch.cuda.is_available():  # compiled kernels need CUDA tensors; the interpreter runs on CPU
+        ours = {k: layer.cuda() for k, layer in ours.items()}
+        x = x.cuda()
     outs = {}
     for k, layer in ours.items():
         xk = x.clone().requires_grad_()
