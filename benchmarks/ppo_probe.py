@@ -17,9 +17,12 @@ import json
 import torch
 
 from distributed_pt.config import DEMO_DIR
-from distributed_pt.data.collate import left_pad, pad
+from distributed_pt.data.collate import left_pad
 from distributed_pt.data.demo import is_correct
+from distributed_pt.data.io import read_rows
 from distributed_pt.data.sft import encode_prompt
+from distributed_pt.models.reward import sequence_rewards
+from distributed_pt.rl.rollout import repack
 
 
 def auc(scores: torch.Tensor, correct: torch.Tensor) -> float:
@@ -40,8 +43,12 @@ def probe(policy, tokenizer, rows, samples: int, reward_model=None, batch_size: 
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                    eos_token_id=eos)  # fmt: skip
         greedy = tokenizer.batch_decode(policy.generate(**gen, do_sample=False)[:, ids.size(1) :], True)
-        drawn = [policy.generate(**gen, do_sample=True)[:, ids.size(1) :] for _ in range(samples)]
-        rm_scores = [_scores(reward_model, prompts, d, eos, pad_id) for d in drawn] if reward_model else None
+        full = [policy.generate(**gen, do_sample=True) for _ in range(samples)]
+        drawn = [out[:, ids.size(1) :] for out in full]
+        rm_scores = None
+        if reward_model is not None:  # scored as PPO's rollouts are: re-packed, cut after the first EOS
+            packed = [repack(out, mask, eos, pad_id) for out in full]
+            rm_scores = [sequence_rewards(reward_model, seqs, attn).tolist() for seqs, attn, *_ in packed]
         for j, row in enumerate(chunk):
             t = per_task.setdefault(row["task"], {"greedy": [], "sample": [], "rm": []})
             t["greedy"].append(is_correct(row["prompt"], greedy[j]))
@@ -65,16 +72,6 @@ def probe(policy, tokenizer, rows, samples: int, reward_model=None, batch_size: 
     return table
 
 
-def _scores(reward_model, prompts, responses, eos: int, pad_id: int) -> list[float]:
-    """RM scores of prompt + response, each response cut after its first EOS (as PPO's rollouts are)."""
-    from distributed_pt.models.reward import sequence_rewards
-
-    cut = [out[: out.index(eos) + 1] if eos in out else out for out in responses.tolist()]
-    seqs = [p + r for p, r in zip(prompts, cut, strict=True)]
-    ids, mask = pad(seqs, pad_id)
-    return sequence_rewards(reward_model, ids, mask).tolist()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, help="a local causal LM directory (SFT or PPO final/)")
@@ -95,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.reward_model:
         rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model, local_files_only=True).eval()
         enable_token_scores(rm)
-    read = lambda name: [json.loads(line) for line in (DEMO_DIR / name).read_text().splitlines()]  # noqa: E731
-    rows = (read("prompts_eval.jsonl") + read("prompts_train.jsonl")[::-1])[: args.prompts]
+    held_out, train = read_rows([DEMO_DIR / "prompts_eval.jsonl"]), read_rows([DEMO_DIR / "prompts_train.jsonl"])
+    rows = [r.data for r in held_out + train[::-1]][: args.prompts]
     table = probe(policy, tokenizer, rows, args.samples, rm)
     cols = list(next(iter(table.values())))
     print("| task | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))

@@ -78,8 +78,7 @@ def main(cfg: PPOConfig) -> dict:
     per_step = micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps  # optimizer steps per PPO step
     n_updates = total_steps * per_step
     ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
-    actor_updates = max(total_steps - ppo.critic_warmup_steps, 1) * per_step  # the actor waits out the warm-up
-    models.actor = initialize(models.actor, ds_config, cfg.optim, actor_updates)
+    models.actor = initialize(models.actor, ds_config, cfg.optim, max(actor_steps(cfg, total_steps), 1) * per_step)
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
     critic_config = build_ds_config(cfg.deepspeed, cfg.train, critic_optim, cfg.model.dtype, dist.world_size())
     models.critic = initialize(models.critic, critic_config, critic_optim, n_updates)
@@ -135,7 +134,7 @@ def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer,
     ptx_batches = (
         ShardedBatches(
             len(ptx_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed
-        ).iterate(max(state.step - ppo.critic_warmup_steps, 0) * micro_batches_per_step(cfg))
+        ).iterate(actor_steps(cfg, state.step) * micro_batches_per_step(cfg))
         if ptx_set
         else None
     )
@@ -173,6 +172,11 @@ def micro_batches_per_step(cfg: PPOConfig) -> int:
     return cfg.ppo.rollout_batch_size // cfg.train.micro_batch_size * cfg.ppo.ppo_epochs
 
 
+def actor_steps(cfg: PPOConfig, steps: int) -> int:
+    """How many of the first `steps` PPO steps update the actor (the critic trains alone for the warm-up)."""
+    return max(steps - cfg.ppo.critic_warmup_steps, 0)
+
+
 def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches: clipped policy loss (- entropy bonus, + ptx)
     on the actor, clipped value loss on the critic. Returns the averaged loss statistics."""
@@ -180,7 +184,7 @@ def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> 
     totals: dict[str, float] = {}
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    train_actor = step >= ppo.critic_warmup_steps
+    train_actor = step >= ppo.critic_warmup_steps  # i.e. actor_steps(cfg, step + 1) > 0
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(exp.sequences.size(0), generator=g).split(mbs):
             mb = exp.select(rows.to(exp.sequences.device))
