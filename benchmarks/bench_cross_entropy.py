@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import make_record, measure, save_results
+from benchmarks.harness import cuda_device, make_record, measure, save_results
 
 BENCH = "bench_cross_entropy"
 TOKENS = [4096, 8192, 16384]
@@ -144,12 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         device, warmup, rep = "cpu", 1, 1
         cases = [dict(tokens=64, hidden=32, vocab=1000, head=head) for head in HEADS]
     else:
-        if not torch.cuda.is_available() or not args.device.startswith("cuda"):
-            sys.exit(f"{BENCH}: needs a CUDA GPU (none found or --device {args.device}); "
-                     "use --cpu-smoke to check the script on CPU")  # fmt: skip
-        device = args.device
-        if ":" in device:  # torch >= 2.11 refuses an index-less "cuda" here; it means the current device
-            torch.cuda.set_device(device)
+        device = cuda_device(BENCH, args.device)
         grid = itertools.product([8192], [128256], HEADS) if args.quick else itertools.product(TOKENS, VOCABS, HEADS)
         cases = [dict(tokens=t, hidden=HIDDEN, vocab=v, head=head) for t, v, head in grid]
 

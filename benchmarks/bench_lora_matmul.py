@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import make_record, measure, save_results
+from benchmarks.harness import cuda_device, make_record, measure, save_results
 
 BENCH = "bench_lora_matmul"
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (k, n)
@@ -137,12 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         device, warmup, rep = "cpu", 1, 1
         cases = [dict(tokens=64, k=k, n=n, r=8) for k, n in [(64, 48), (96, 64)]]
     else:
-        if not torch.cuda.is_available() or not args.device.startswith("cuda"):
-            sys.exit(f"{BENCH}: needs a CUDA GPU (none found or --device {args.device}); "
-                     "use --cpu-smoke to check the script on CPU")  # fmt: skip
-        device = args.device
-        if ":" in device:  # torch >= 2.11 refuses an index-less "cuda" here; it means the current device
-            torch.cuda.set_device(device)
+        device = cuda_device(BENCH, args.device)
         if args.quick:
             cases = [dict(tokens=8192, k=4096, n=4096, r=16)]
         else:

@@ -58,6 +58,16 @@ def env_info() -> dict[str, str]:
     return info
 
 
+def cuda_device(bench: str, device: str) -> str:
+    """The ``--device`` of a GPU bench, made current; exits with a hint when there is no such CUDA device."""
+    if not torch.cuda.is_available() or not device.startswith("cuda"):
+        raise SystemExit(f"{bench}: needs a CUDA GPU (none found or --device {device}); use --cpu-smoke to check the "
+                         "script on CPU")  # fmt: skip
+    if ":" in device:  # torch >= 2.11 refuses an index-less "cuda" here; it means the current device
+        torch.cuda.set_device(device)
+    return device
+
+
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
     for t in tensors or ():
         t.grad = None

@@ -9,10 +9,11 @@ Every prompt names its task and ends with ``=``; the answer is a few space-separ
     add : 3 4 + 1 9 =            ->  5 3
     count a : b a c a =          ->  2
 
-The prompt alone determines the answer, so ``score(prompt, response)`` checks any response with no lookup table: SFT
-learns the tasks, reward modelling learns correct vs wrong answers of several kinds (``wrong_answers``), and PPO
-optimises ``score``. Digits are single tokens and words are whole tokens, so a random-init Llama with a hidden size of
-128 learns the tasks on a CPU in minutes. Generation is deterministic for a seed: the shipped files are reproducible.
+The prompt alone determines the answer, so ``is_correct(prompt, response)`` checks any response with no lookup table:
+SFT learns the tasks, reward modelling learns correct vs wrong answers of several kinds (``wrong_answers``) and of the
+SFT model's own samples, and PPO optimises the reward model (``FULL_STOP_RATE`` says what it can fix). Digits are
+single tokens and words are whole tokens, so a random-init Llama with a hidden size of 128 learns the tasks on a CPU
+in minutes. Generation is deterministic for a seed: the shipped files are reproducible.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ WORDS = (
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 DIGITS = tuple("0123456789")
 COUNT_LETTERS = tuple("abcd")  # few letters, so that counts 0-4 are all common
+
+# Like real demonstration data, the SFT training answers are not consistent: half end with a full stop, which the
+# prompts' answers never have (exact match counts it wrong). SFT imitates the habit, so the SFT model ends about half
+# of its answers with one; the comparisons of its own samples (``sample_pairs``) prefer the bare answer, the reward
+# model learns that, and PPO removes the habit: the part of InstructGPT that a tiny reward model can verify. The eval
+# files, preference pairs and prompt files hold bare answers only.
+FULL_STOP_RATE = 0.5
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # Role markers of the framework's default chat template: whole tokens, never split, dropped by skip_special_tokens.
@@ -121,8 +129,9 @@ def _add_misses(params: list[str], args: list[str], answer: list[str]) -> dict[s
 
 
 def _count_misses(params: list[str], args: list[str], answer: list[str]) -> dict[str, list[str]]:
+    # One too many and one too few: a reward model shown only larger wrong counts learns that smaller is better.
     n = int(answer[0])
-    return {"off_by_one": [str(n + 1 if n == 0 or n % 2 else n - 1)], "length": [str(len(args))]}
+    return {"one_more": [str(n + 1)], **({"one_fewer": [str(n - 1)]} if n else {})}
 
 
 TASKS: dict[str, Task] = {
@@ -215,8 +224,8 @@ def labeled_wrong_answers(prompt: str, answer: str, rng: random.Random, k: int) 
 
     Kinds: ``swap`` (two tokens exchanged), ``drop`` (one token removed), ``repeat`` (one token doubled), ``replace``
     (one token substituted), ``truncate`` (a proper prefix), and per task ``unchanged`` (the input as given; reverse,
-    sort), ``descending`` (sort), ``off_by_one``, ``off_by_ten``, ``no_carry``, ``operand`` (add), ``off_by_one``,
-    ``length`` (count). Fewer than ``k`` come back only when fewer kinds apply (e.g. a one-digit count).
+    sort), ``descending`` (sort), ``off_by_one``, ``off_by_ten``, ``no_carry``, ``operand`` (add), ``one_more``,
+    ``one_fewer`` (count). Fewer than ``k`` come back only when fewer kinds apply (e.g. a one-digit count).
     """
     task, params, args = parse_prompt(prompt)
     right = normalize(answer).split()
@@ -267,6 +276,11 @@ def _pref_rows(examples: list[dict[str, str]], rng: random.Random, per_prompt: i
     return rows
 
 
+def _demonstration(ex: dict[str, str], rng: random.Random) -> str:
+    """A training demonstration: the answer, with a trailing full stop at ``FULL_STOP_RATE`` (see there)."""
+    return ex["answer"] + " ." if rng.random() < FULL_STOP_RATE else ex["answer"]
+
+
 def _chat_rows(examples: list[dict[str, str]], rng: random.Random) -> list[dict[str, list[dict[str, str]]]]:
     rows, it = [], iter(examples)
     for i in range(len(examples) // 2):
@@ -301,8 +315,10 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_e
     files = {}
     for split, examples in (("train", train), ("eval", evals)):
         files[f"sft_{split}.jsonl"] = [
-            {"prompt": ex["prompt"], "response": ex["answer"], "task": ex["task"]} for ex in examples
-        ]
+            {"prompt": ex["prompt"], "response": _demonstration(ex, rng) if split == "train" else ex["answer"],
+             "task": ex["task"]}
+            for ex in examples
+        ]  # fmt: skip
         files[f"pref_{split}.jsonl"] = _pref_rows(examples, rng, per_prompt=3 if split == "train" else 2)
         files[f"prompts_{split}.jsonl"] = examples
     files["chat_sample.jsonl"] = _chat_rows(chat, rng)

@@ -57,10 +57,7 @@ from distributed_pt.rl.rollout import make_experience, normalised_scores, repack
 def main(cfg: PPOConfig) -> dict:
     out = start(cfg)
     ppo = cfg.ppo
-    if ppo.reward_model is None:
-        raise ConfigError("ppo.reward_model: set it to a reward model directory (the RM stage's final/)")
-    if ppo.rollout_batch_size % (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps):
-        raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
+    check_config(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizers_agree(tokenizer, cfg)
@@ -172,6 +169,18 @@ def micro_batches_per_step(cfg: PPOConfig) -> int:
     return cfg.ppo.rollout_batch_size // cfg.train.micro_batch_size * cfg.ppo.ppo_epochs
 
 
+def check_config(cfg: PPOConfig) -> None:
+    """What the typed config cannot say: a reward model is set, the rollout splits into micro-batches, no negative
+    warm-up."""
+    ppo = cfg.ppo
+    if ppo.reward_model is None:
+        raise ConfigError("ppo.reward_model: set it to a reward model directory (the RM stage's final/)")
+    if ppo.rollout_batch_size % (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps):
+        raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
+    if ppo.critic_warmup_steps < 0:
+        raise ConfigError(f"ppo.critic_warmup_steps must be >= 0, got {ppo.critic_warmup_steps}")
+
+
 def actor_steps(cfg: PPOConfig, steps: int) -> int:
     """How many of the first `steps` PPO steps update the actor (the critic trains alone for the warm-up)."""
     return max(steps - cfg.ppo.critic_warmup_steps, 0)
@@ -184,7 +193,7 @@ def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> 
     totals: dict[str, float] = {}
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    train_actor = step >= ppo.critic_warmup_steps  # i.e. actor_steps(cfg, step + 1) > 0
+    train_actor = actor_steps(cfg, step + 1) > 0
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(exp.sequences.size(0), generator=g).split(mbs):
             mb = exp.select(rows.to(exp.sequences.device))

@@ -76,6 +76,14 @@ def test_shipped_files_eval_disjoint_from_train():
 def test_shipped_rows_are_right():
     for r in _rows(DEMO / "sft_eval.jsonl"):
         assert demo.is_correct(r["prompt"], r["response"])
+    # Training demonstrations: right, except that about FULL_STOP_RATE of them end with a full stop, which is wrong.
+    train = _rows(DEMO / "sft_train.jsonl")
+    stops = [r["response"].endswith(" .") for r in train]
+    for r, stop in zip(train, stops, strict=True):
+        assert demo.is_correct(r["prompt"], r["response"].removesuffix(" .")) and not (
+            stop and demo.is_correct(r["prompt"], r["response"])
+        )
+    assert abs(sum(stops) / len(stops) - demo.FULL_STOP_RATE) < 0.03
     for r in _rows(DEMO / "pref_eval.jsonl"):
         assert demo.is_correct(r["prompt"], r["chosen"]) and not demo.is_correct(r["prompt"], r["rejected"])
     for r in _rows(DEMO / "chat_sample.jsonl"):

@@ -81,3 +81,20 @@ def test_zero3_with_lora_reference_as_adapters_off(tmp_path, sft_zero2_run, rm_z
     assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[2]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert any(abs(steps[s]["kl"]) > 1e-6 for s in range(3, STEPS + 1))
     assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ppo.reward_model=null", "ppo.reward_model: set it"),
+        ("ppo.rollout_batch_size=65", "ppo.rollout_batch_size must be a multiple"),
+        ("ppo.critic_warmup_steps=-1", "ppo.critic_warmup_steps must be >= 0, got -1"),
+    ],
+)
+def test_check_config_names_the_key(override, message):
+    from distributed_pt.config import ConfigError, load_config
+    from distributed_pt.stages import ppo
+
+    ppo.check_config(load_config(CONFIG))  # the shipped config passes
+    with pytest.raises(ConfigError, match=message):
+        ppo.check_config(load_config(CONFIG, [override]))
