@@ -22,10 +22,11 @@ class TrainingError(RuntimeError):
 class State:
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # micro batches consumed (the data position)
-    stop_requested: list[bool] = field(default_factory=lambda: [False])
+    sigterm: list[bool] = field(default_factory=lambda: [False])  # set by this rank's handler, never cleared
+    stopping: bool = False  # every rank agreed to stop (set by should_stop)
 
     def install_sigterm(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.__setitem__(0, True))
+        signal.signal(signal.SIGTERM, lambda *_: self.sigterm.__setitem__(0, True))
 
 
 def start(cfg) -> Path:
@@ -79,10 +80,12 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 
 
 def should_stop(state: State) -> bool:
-    """True on every rank when any rank got SIGTERM (one scalar all-reduce per step)."""
-    stop = dist.all_reduce_sum(torch.tensor([float(state.stop_requested[0])])).item() > 0
-    state.stop_requested[0] = stop
-    return stop
+    """True on every rank once any rank has got SIGTERM (one scalar all-reduce per step).
+
+    The handler's flag is only ever set: a signal that lands while this all-reduce runs counts at the next step.
+    """
+    state.stopping = dist.all_reduce_sum(torch.tensor([float(state.sigterm[0])])).item() > 0
+    return state.stopping
 
 
 def exit_early(logger, state: State, error: Exception | None = None) -> None:

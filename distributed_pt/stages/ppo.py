@@ -113,7 +113,7 @@ def main(cfg: PPOConfig) -> dict:
         )
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stop_requested[0]:
+    if state.stopping:
         exit_early(logger, state)
 
     final_eval = evaluate(models, eval_rows, tokenizer, cfg)

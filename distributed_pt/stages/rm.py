@@ -77,7 +77,7 @@ def main(cfg: RMConfig) -> dict:
         train(engine, cfg, train_set, batches, eval_set, tokenizer, logger, state, total_steps)
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stop_requested[0]:
+    if state.stopping:
         exit_early(logger, state)
 
     final_eval = evaluate(engine, eval_set, tokenizer, cfg)

@@ -76,7 +76,7 @@ def main(cfg: SFTConfig) -> dict:
         train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused)
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stop_requested[0]:
+    if state.stopping:
         exit_early(logger, state)
 
     final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused)
