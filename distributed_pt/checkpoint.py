@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_pt.engine.dist import barrier, is_main, print0, rank
+from distributed_pt.engine.dist import barrier, is_main, rank
 
 LATEST = "latest"
 
@@ -94,7 +94,6 @@ def load(engines, root: Path, tag: str) -> dict[str, Any]:
     rng_file = root / tag / f"rng_rank{rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    print0(f"resumed from {root / tag} at step {client_state['step']}")
     return client_state
 
 

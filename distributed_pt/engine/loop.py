@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from distributed_pt import checkpoint
+from distributed_pt.config import ConfigError, save_config, to_dict
 from distributed_pt.engine import dist
 
 
@@ -24,6 +26,7 @@ class State:
     micro_step: int = 0  # micro batches consumed (the data position)
     sigterm: list[bool] = field(default_factory=lambda: [False])  # set by this rank's handler, never cleared
     stopping: bool = False  # every rank agreed to stop (set by should_stop)
+    inputs: dict[str, str] = field(default_factory=dict)  # fingerprint of what trains: saved with every checkpoint
 
     def install_sigterm(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.sigterm.__setitem__(0, True))
@@ -31,7 +34,6 @@ class State:
 
 def start(cfg) -> Path:
     """Every stage's first lines: process group, seed, output dir with the resolved config (printed on rank 0)."""
-    from distributed_pt.config import save_config, to_dict
     from distributed_pt.engine.metrics import set_seed
 
     dist.init_distributed()
@@ -55,20 +57,43 @@ def finish(cfg, logger, state: State, before: dict, after: dict) -> dict:
     return summary
 
 
-def resume(engines, cfg, state: State) -> dict:
+def fingerprint(tokenizer, train_files: list[str]) -> dict[str, str]:
+    """Short sha256 digests of the tokenizer (vocabulary and chat template) and of the training files' bytes."""
+    vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template or ""])
+    data = hashlib.sha256()
+    for path in train_files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                data.update(chunk)
+    return {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "training data": data.hexdigest()[:16]}
+
+
+def resume(engines, cfg, state: State, inputs: dict[str, str]) -> dict:
     """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one), if any, into `engines` (one
-    engine or {name: engine}). Returns the saved client state ({} when starting fresh)."""
+    engine or {name: engine}). Returns the saved client state ({} when starting fresh).
+
+    `inputs` (see `fingerprint`) is saved with every checkpoint; resuming one written with another tokenizer or other
+    training data is a ConfigError rather than a silent mix of two runs.
+    """
+    state.inputs = inputs
     found = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
     if found is None:
         return {}
-    client = checkpoint.load(engines, *found)
+    client, where = checkpoint.load(engines, *found), found[0] / found[1]
+    changed = [key for key, digest in client.get("inputs", inputs).items() if inputs.get(key) != digest]
+    if changed:
+        raise ConfigError(
+            f"checkpoint.resume: the {' and the '.join(changed)} changed since {where} was written; "
+            f"use a new output_dir, or checkpoint.resume=none to start over in {cfg.output_dir}"
+        )
     state.step, state.micro_step = client["step"], client["micro_step"]
+    dist.print0(f"resumed from {where} at step {state.step}")
     return client
 
 
 def save(engines, cfg, state: State, **extra) -> None:
     """Checkpoint `engines` with the run state (and any `extra` client state, e.g. PPO's KL controller)."""
-    client = {"step": state.step, "micro_step": state.micro_step, **extra}
+    client = {"step": state.step, "micro_step": state.micro_step, "inputs": state.inputs, **extra}
     checkpoint.save(engines, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
 
 

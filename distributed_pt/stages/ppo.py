@@ -35,6 +35,7 @@ from distributed_pt.engine.loop import (
     check_finite,
     exit_early,
     export,
+    fingerprint,
     finish,
     resume,
     save,
@@ -87,7 +88,7 @@ def main(cfg: PPOConfig) -> dict:
         else FixedKLController(ppo.kl_coef)
     )
     state = State()
-    client = resume(engines, cfg, state)
+    client = resume(engines, cfg, state, fingerprint(tokenizer, cfg.data.train_files + ppo.ptx_files))
     if client:
         kl_ctl.load_state_dict(client["kl_ctl"])
     logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)

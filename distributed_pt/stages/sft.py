@@ -26,6 +26,7 @@ from distributed_pt.engine.loop import (
     check_finite,
     exit_early,
     export,
+    fingerprint,
     finish,
     resume,
     save,
@@ -65,7 +66,7 @@ def main(cfg: SFTConfig) -> dict:
     engine = initialize(model, ds_config, cfg.optim, total_steps)
 
     state = State()
-    resume(engine, cfg, state)
+    resume(engine, cfg, state, fingerprint(tokenizer, cfg.data.train_files))
     logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
     state.install_sigterm()
 

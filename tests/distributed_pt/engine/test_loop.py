@@ -2,8 +2,10 @@ import os
 import signal
 
 import pytest
+from transformers import AutoTokenizer
 
 from distributed_pt.engine import loop
+from tests.conftest import DEMO
 
 
 @pytest.fixture
@@ -29,3 +31,16 @@ def test_sigterm_during_the_stop_all_reduce_is_not_lost(monkeypatch, sigterm_res
     monkeypatch.setattr(loop.dist, "all_reduce_sum", real_reduce)
     assert loop.should_stop(state) and state.stopping
     assert loop.should_stop(state), "once requested, a stop stays requested"
+
+
+def test_fingerprint_follows_the_training_bytes_and_the_tokenizer(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "tokenizer")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    before = loop.fingerprint(tokenizer, [str(data)])
+    assert loop.fingerprint(tokenizer, [str(data)]) == before
+    data.write_text('{"prompt": "a", "response": "c"}\n')
+    changed = loop.fingerprint(tokenizer, [str(data)])
+    assert changed["tokenizer"] == before["tokenizer"] and changed["training data"] != before["training data"]
+    tokenizer.add_tokens(["<new>"])
+    assert loop.fingerprint(tokenizer, [str(data)])["tokenizer"] != before["tokenizer"]

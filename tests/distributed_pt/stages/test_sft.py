@@ -124,6 +124,34 @@ def test_bad_input_gives_clear_errors(tmp_path):
         assert message in proc.stderr, (override, proc.stderr[-2000:])
 
 
+def test_resume_refuses_a_checkpoint_written_with_other_training_data(tmp_path):
+    """Re-running in an output_dir whose checkpoint came from other data stops with a clear error, keeping it."""
+    data = tmp_path / "train.jsonl"
+    data.write_text((DEMO / "sft_train.jsonl").read_text())
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distributed_pt.train",
+        str(CONFIG),
+        *TINY_SFT,
+        f"output_dir={out}",
+        f"data.train_files=[{data}]",
+        "train.max_steps=2",
+        "eval.num_generate=0",
+        "checkpoint.export_hf=false",
+    ]
+    subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, check=True)
+    with data.open("a") as f:
+        f.write('{"prompt": "reverse: a b", "response": "b a"}\n')
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"the training data changed since {out / 'checkpoints' / 'step_2'} was written" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    ok = subprocess.run([*cmd, "checkpoint.resume=none"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
 def test_non_finite_loss_stops_every_rank_naming_the_step(tmp_path):
     # An absurd learning rate blows the weights up after the first update: step 2's loss is inf/NaN.
     overrides = [*TINY_SFT, f"output_dir={tmp_path}", "train.max_steps=5", "optim.lr=1e20", "optim.warmup_steps=0"]
