@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         {"sft": sft.main, "rm": rm.main, "ppo": ppo.main}[cfg.stage](cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # no barrier: a rank that failed differently may be gone
+            dist.destroy_process_group()  # a rank that exits without it can abort at exit (see dist.destroy)
         sys.exit(2)
 
 

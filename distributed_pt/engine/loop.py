@@ -25,7 +25,7 @@ class State:
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # micro batches consumed (the data position)
     sigterm: list[bool] = field(default_factory=lambda: [False])  # set by this rank's handler, never cleared
-    stopping: bool = False  # every rank agreed to stop (set by should_stop)
+    saved_step: int = -1  # the step of the checkpoint on disk that holds this state (never written twice)
     inputs: dict[str, str] = field(default_factory=dict)  # fingerprint of what trains: saved with every checkpoint
 
     def install_sigterm(self) -> None:
@@ -76,7 +76,10 @@ def resume(engines, cfg, state: State, inputs: dict[str, str]) -> dict:
     training data is a ConfigError rather than a silent mix of two runs.
     """
     state.inputs = inputs
-    found = checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume)
+    # Rank 0 decides, so that every rank loads the same step even where a shared file system lags.
+    found = dist.broadcast_object(
+        checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume) if dist.is_main() else None
+    )
     if found is None:
         return {}
     client, where = checkpoint.load(engines, *found), found[0] / found[1]
@@ -87,14 +90,22 @@ def resume(engines, cfg, state: State, inputs: dict[str, str]) -> dict:
             f"use a new output_dir, or checkpoint.resume=none to start over in {cfg.output_dir}"
         )
     state.step, state.micro_step = client["step"], client["micro_step"]
+    state.saved_step = state.step
     dist.print0(f"resumed from {where} at step {state.step}")
     return client
 
 
 def save(engines, cfg, state: State, **extra) -> None:
-    """Checkpoint `engines` with the run state (and any `extra` client state, e.g. PPO's KL controller)."""
+    """Checkpoint `engines` with the run state (and any `extra` client state, e.g. PPO's KL controller).
+
+    A step already on disk is not written again: rewriting the directory `latest` names is the one write a kill
+    could leave half done.
+    """
+    if state.saved_step == state.step:
+        return
     client = {"step": state.step, "micro_step": state.micro_step, "inputs": state.inputs, **extra}
     checkpoint.save(engines, cfg.output_dir, state.step, client, cfg.checkpoint.keep_last)
+    state.saved_step = state.step
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
@@ -105,12 +116,11 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 
 
 def should_stop(state: State) -> bool:
-    """True on every rank once any rank has got SIGTERM (one scalar all-reduce per step).
+    """True on every rank once any rank has got SIGTERM (one scalar all-reduce: every rank must call it).
 
-    The handler's flag is only ever set: a signal that lands while this all-reduce runs counts at the next step.
+    The handler's flag is only ever set: a signal that lands while this all-reduce runs counts at the next call.
     """
-    state.stopping = dist.all_reduce_sum(torch.tensor([float(state.sigterm[0])])).item() > 0
-    return state.stopping
+    return dist.all_reduce_sum(torch.tensor([float(state.sigterm[0])])).item() > 0
 
 
 def exit_early(logger, state: State, error: Exception | None = None) -> None:

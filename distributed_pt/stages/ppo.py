@@ -114,7 +114,8 @@ def main(cfg: PPOConfig) -> dict:
         )
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stopping:
+    if should_stop(state):  # SIGTERM during training or just after it: checkpoint, exit 143
+        save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
         exit_early(logger, state)
 
     final_eval = evaluate(models, eval_rows, tokenizer, cfg)
@@ -157,10 +158,9 @@ def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer,
             log_samples(exp, tokenizer, logger, state.step)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
             logger.log(evaluate(models, eval_rows, tokenizer, cfg), step=state.step)
-        stop = should_stop(state)
-        if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
-        if stop:
+        if should_stop(state):
             break
     bar.close()
 

@@ -78,7 +78,8 @@ def main(cfg: RMConfig) -> dict:
         train(engine, cfg, train_set, batches, eval_set, tokenizer, logger, state, total_steps)
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stopping:
+    if should_stop(state):  # SIGTERM during training or just after it: checkpoint, exit 143
+        save(engine, cfg, state)
         exit_early(logger, state)
 
     final_eval = evaluate(engine, eval_set, tokenizer, cfg)
@@ -119,10 +120,9 @@ def train(engine, cfg, train_set, batches, eval_set, tokenizer, logger, state, t
             logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
             logger.log(evaluate(engine, eval_set, tokenizer, cfg), step=state.step)
-        stop = should_stop(state)
-        if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             save(engine, cfg, state)
-        if stop:
+        if should_stop(state):
             break
     bar.close()
 

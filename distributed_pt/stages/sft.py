@@ -77,7 +77,8 @@ def main(cfg: SFTConfig) -> dict:
         train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logger, state, total_steps, fused)
     except TrainingError as e:
         exit_early(logger, state, e)
-    if state.stopping:
+    if should_stop(state):  # SIGTERM during training or just after it: checkpoint, exit 143
+        save(engine, cfg, state)
         exit_early(logger, state)
 
     final_eval = evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused)
@@ -111,10 +112,9 @@ def train(engine, cfg, train_set, batches, eval_set, eval_rows, tokenizer, logge
             logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
             logger.log(evaluate(engine, eval_set, eval_rows, tokenizer, cfg, fused), step=state.step)
-        stop = should_stop(state)
-        if stop or (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0):
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             save(engine, cfg, state)
-        if stop:
+        if should_stop(state):
             break
     bar.close()
 

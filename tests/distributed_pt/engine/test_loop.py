@@ -1,5 +1,6 @@
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
@@ -27,9 +28,9 @@ def test_sigterm_during_the_stop_all_reduce_is_not_lost(monkeypatch, sigterm_res
         return out
 
     monkeypatch.setattr(loop.dist, "all_reduce_sum", reduce_then_signal)
-    assert not loop.should_stop(state) and not state.stopping
+    assert not loop.should_stop(state)
     monkeypatch.setattr(loop.dist, "all_reduce_sum", real_reduce)
-    assert loop.should_stop(state) and state.stopping
+    assert loop.should_stop(state)
     assert loop.should_stop(state), "once requested, a stop stays requested"
 
 
@@ -44,3 +45,16 @@ def test_fingerprint_follows_the_training_bytes_and_the_tokenizer(tmp_path):
     assert changed["tokenizer"] == before["tokenizer"] and changed["training data"] != before["training data"]
     tokenizer.add_tokens(["<new>"])
     assert loop.fingerprint(tokenizer, [str(data)])["tokenizer"] != before["tokenizer"]
+
+
+def test_a_step_on_disk_is_not_written_again(monkeypatch):
+    """The final save after a loop that just saved the same step (or a run resumed at its last step) writes nothing."""
+    written = []
+    monkeypatch.setattr(loop.checkpoint, "save", lambda engines, out, step, client, keep: written.append(step))
+    cfg = SimpleNamespace(output_dir="out", checkpoint=SimpleNamespace(keep_last=2))
+    state = loop.State(step=3)
+    loop.save(None, cfg, state)
+    loop.save(None, cfg, state)
+    state.step = 4
+    loop.save(None, cfg, state)
+    assert written == [3, 4]

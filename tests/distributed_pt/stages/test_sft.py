@@ -83,14 +83,17 @@ def test_fused_loss_under_zero3_matches_plain_loss(tmp_path, zero3_partitioned, 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, sft_zero2_run):
     """Stop a run with SIGTERM mid-way, resume it, and get the uninterrupted run's loss curve exactly."""
+    # An eval every step (greedy: the training curve is unchanged) spreads the 40 steps over seconds rather than under
+    # one, so that the signal lands in training even when this process is slow to wake up.
     overrides = [*TINY_SFT, f"output_dir={tmp_path}", f"train.max_steps={STEPS}", "checkpoint.save_every=20"]
+    overrides.append("train.eval_every=1")
     # Its own process group, signalled as a whole: what Slurm preemption or a cluster scheduler does.
     proc = subprocess.Popen(
         launch_cmd(CONFIG, overrides), cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text():  # the step-0 eval is logged: training starts now
             break
         time.sleep(0.05)
@@ -98,7 +101,8 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, sft_zero2_
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, "a run stopped by SIGTERM must not report success"
     stopped_at = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
-    assert 1 <= stopped_at < STEPS, stdout[-3000:]
+    assert f"SIGTERM: saved a checkpoint at step {stopped_at}" in stdout, stdout[-3000:]
+    assert 1 <= stopped_at < STEPS
 
     run_launcher(CONFIG, overrides)  # checkpoint.resume=auto
     resumed, reference = train_losses(tmp_path), train_losses(sft_zero2_run)
