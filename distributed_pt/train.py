@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         {"sft": sft.main, "rm": rm.main, "ppo": ppo.main}[cfg.stage](cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        import torch.distributed as dist
+        from distributed_pt.engine import dist
 
-        if dist.is_available() and dist.is_initialized():  # no barrier: a rank that failed differently may be gone
-            dist.destroy_process_group()  # a rank that exits without it can abort at exit (see dist.destroy)
+        dist.destroy(barrier=False)
         sys.exit(2)
 
 

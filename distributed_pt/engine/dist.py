@@ -37,10 +37,12 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
-def destroy() -> None:
-    """Tear the process group down; a rank that exits without this can abort at exit (see ENV.md)."""
+def destroy(barrier: bool = True) -> None:
+    """Tear the process group down; a rank that exits without this can abort at exit (see ENV.md). `barrier=False`
+    on an error path, where a rank that failed differently may already be gone."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
