@@ -152,7 +152,9 @@ def test_resume_refuses_a_checkpoint_written_with_other_training_data(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"the training data changed since {out / 'checkpoints' / 'step_2'} was written" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
-    ok = subprocess.run([*cmd, "checkpoint.resume=none"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    ok = subprocess.run(
+        [*cmd, "checkpoint.resume=none"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
