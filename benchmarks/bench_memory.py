@@ -1,8 +1,8 @@
 """Memory and speed of one SFT training step (forward, backward, optimizer step) on DeepSpeed ZeRO.
 
 Llama-style models are built with random weights from size presets (``PRESETS``) through the framework's own path
-(``load_model`` → ``apply_lora`` → ``enable_fused_loss`` → ``build_ds_config`` → ``initialize`` →
-``causal_lm_loss``). Providers (modes): ``full`` fine-tuning, ``lora`` (r=16 on all attention and MLP projections,
+(``load_model`` → ``apply_lora`` → ``use_fused_loss`` → ``build_ds_config`` → ``initialize(Backbone(model))`` →
+``lm_loss``). Providers (modes): ``full`` fine-tuning, ``lora`` (r=16 on all attention and MLP projections,
 torch path, logits + torch cross-entropy) and ``lora_fused`` (the Triton LoRA kernel + the fused LM-head
 cross-entropy). Cases: size × ZeRO stage × optimizer offload × gradient checkpointing at a sequence length and micro
 batch. Each case runs in fresh processes, one per rank (DeepSpeed engines do not free all memory on ``del``); a case
@@ -44,313 +44,33 @@ import itertools
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import make_record, save_results
+from benchmarks.memory_case import PRESETS, Case, run_child
 
 BENCH = "bench_memory"
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "@@bench_memory@@"
 MODES = ("full", "lora", "lora_fused")
-LORA_R = 16
 # On CPU the Triton kernels run interpreted: a step of "small" took 59 s (tiny: 2-6 s), so lora_fused runs on these
 # only, and without offload (with it, the same kernels; cut to keep the CPU sweep under 10 minutes).
 CPU_FUSED_SIZES = ("micro", "tiny")
-# Llama-style shapes. 1b/3b/8b: Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B; 125m: GPT-3-small widths with Llama blocks.
-PRESETS: dict[str, dict] = {
-    "micro": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, vocab_size=128, tie_word_embeddings=False),  # 6,448 params: for the tests
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),  # 4.2M
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=5, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),  # 30M
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False),  # 134M
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # 1.24B
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # 3.21B
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # 8.03B
-}  # fmt: skip
 # The sweeps' defaults (see the module docstring); any flag overrides its entry.
 GPU_DEFAULTS = dict(sizes="125m,1b,3b,8b", seq=2048, zero="2,3", checkpointing="on", offload="off", steps=3,
                     budget_min=9.0)  # fmt: skip
 CPU_DEFAULTS = dict(sizes="tiny,small", seq=128, zero="0,1,2,3", checkpointing="off", offload="both", steps=2,
                     budget_min=20.0, world=2)  # fmt: skip
-_PARAM_ATTRS = ("bit16_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups_flat", "bf16_groups_flat",
-                "param_buffer_of_bit16_for_cpu_offload_groups")  # fmt: skip
-_GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
-               "fp32_groups_gradients_flat", "accumulated_grads_in_cpu")  # fmt: skip
-_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                 "fp32_groups_flat", "fp32_groups")  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One measurement: a model size under one ZeRO setting, trained in one mode."""
-
-    size: str
-    seq: int
-    micro_batch: int
-    zero: int
-    offload: bool
-    ckpt: bool
-    world: int
-    mode: str
-    dtype: str = "bf16"
-
-    def fields(self) -> dict:
-        """The record's case fields (the mode is the provider)."""
-        return dict(
-            size=self.size,
-            seq=self.seq,
-            mb=self.micro_batch,
-            zero=self.zero,
-            offload="on" if self.offload else "off",
-            ckpt="on" if self.ckpt else "off",
-            world=self.world,
-        )
-
-
-def zero_model_state_bytes(
-    n_params: int, stage: int, world: int, n_trainable: int | None = None, dtype: str = "bf16"
-) -> dict[str, float]:
-    """Model-state bytes per rank that the ZeRO paper predicts for Adam (Rajbhandari et al. 2020, Fig. 1).
-
-    Mixed precision (bf16/fp16) holds 2Ψ weights + 2Ψ gradients + 12Ψ optimizer state (fp32 master, m, v): 16Ψ at
-    stage 0; 4Ψ + 12Ψ/N at stage 1; 2Ψ + 14Ψ/N at stage 2; 16Ψ/N at stage 3. fp32 holds 4Ψ + 4Ψ + 8Ψ (no master).
-    Frozen parameters (LoRA) only hold weights: gradient and optimizer terms use ``n_trainable`` (default: all).
-
-    Returns:
-        {"params", "grads", "optimizer", "total"} in bytes.
-    """
-    trainable = n_params if n_trainable is None else n_trainable
-    weight_bytes, optim_bytes = (4, 8) if dtype == "fp32" else (2, 12)
-    params = weight_bytes * n_params / (world if stage >= 3 else 1)
-    grads = weight_bytes * trainable / (world if stage >= 2 else 1)
-    optimizer = optim_bytes * trainable / (world if stage >= 1 else 1)
-    return {"params": params, "grads": grads, "optimizer": optimizer, "total": params + grads + optimizer}
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    """Tensors in a tensor, or a list/tuple/dict of them (nested), else none."""
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, list | tuple):
-        return [t for o in obj for t in _tensors(o)]
-    return []
-
-
-def _inner_optimizer(optimizer):
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def model_state_bytes(engine) -> dict[str, dict[str, int]]:
-    """This rank's model-state bytes by category and device, each tensor's whole storage counted once.
-
-    * params: each module parameter's storage (under ZeRO-3 its ``ds_tensor`` partition, plus ``data`` when gathered
-      or persistent), the optimizer's flat 16-bit buffers and the offload's host copy (``_PARAM_ATTRS``);
-    * grads: each parameter's ``.grad``, the ZeRO gradient partitions (``_GRAD_ATTRS``) and the ``.grad`` of the fp32
-      master tensors (where offload writes gradients);
-    * master: the fp32 master weights (``_MASTER_ATTRS``); moments: every tensor in the innermost torch optimizer's
-      ``state`` (Adam ``exp_avg``, ``exp_avg_sq``, ``step``).
-
-    Not counted: activations, communication buckets (``ipg_buffer``), all-gather buffers, temporaries (the paper's
-    "residual states"). A view keeps its whole storage alive, so the storage is what is counted.
-
-    Returns:
-        {"params" | "grads" | "master" | "moments": {device type: bytes}}; categories are claimed in that order, so
-        a storage shared by two (a gradient view of a flat parameter buffer) counts in the first.
-    """
-    opt = engine.optimizer
-    masters = [t for a in _MASTER_ATTRS for t in _tensors(getattr(opt, a, None))]
-    params = []
-    for p in engine.module.parameters():
-        params += [t for t in (getattr(p, "ds_tensor", None), p.data) if t is not None]
-    params += [t for a in _PARAM_ATTRS for t in _tensors(getattr(opt, a, None))]
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    grads += [t for a in _GRAD_ATTRS for t in _tensors(getattr(opt, a, None))]
-    grads += [m.grad for m in masters if m.grad is not None]
-    inner = _inner_optimizer(opt)
-    moments = [t for state in getattr(inner, "state", {}).values() for t in _tensors(state)]
-
-    seen: set[tuple[str, int]] = set()
-    out: dict[str, dict[str, int]] = {}
-    for category, tensors in (("params", params), ("grads", grads), ("master", masters), ("moments", moments)):
-        per_device = out.setdefault(category, {})
-        for t in tensors:
-            if t.numel() == 0 or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                per_device[t.device.type] = per_device.get(t.device.type, 0) + storage.nbytes()
-    return out
-
-
-def _flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq: int) -> float:
-    """Model FLOPs per token of one training step (forward + backward, no recompute; attention as in PaLM app. B).
-
-    Matmuls: 2N forward + 2N for input gradients + 2N_trainable for weight gradients, N = weights of the linear layers
-    (LM head and LoRA adapters included, embedding lookups not); attention: 12 · layers · hidden · seq.
-    """
-    from distributed_pt.models.lora import LoraLinear
-
-    n_mm = n_train = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear | LoraLinear):
-            for p in (m.weight, getattr(m, "lora_A", None), getattr(m, "lora_B", None)):
-                if p is not None:
-                    n_mm += p.numel()
-                    n_train += p.numel() if p.requires_grad else 0
-    return 4.0 * n_mm + 2.0 * n_train + 12.0 * layers * hidden * seq
-
-
-class _VocabOnly:
-    """What ``load_model`` reads from a tokenizer: its length and special ids (random token ids need no more)."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return self.vocab
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
-    )
 
 
 def _host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _build(case: Case, device: torch.device, lora: bool):
-    """The model as users build it: load_model from an init_config, LoRA, fused loss. Returns (model, fused)."""
-    from distributed_pt.config import LoraConfig, ModelConfig
-    from distributed_pt.models.fused_loss import enable_fused_loss
-    from distributed_pt.models.loading import load_model
-    from distributed_pt.models.lora import apply_lora, prepare_for_gradient_checkpointing
-
-    preset = PRESETS[case.size]
-    init = {"model_type": "llama", **preset, "max_position_embeddings": max(case.seq, 128)}
-    cfg = ModelConfig(init_config=init, dtype=case.dtype, gradient_checkpointing=case.ckpt)
-    with device:  # random init where the model will live (8B on CPU first would take minutes)
-        model = load_model(cfg, _VocabOnly(preset["vocab_size"]))
-        if lora:
-            kernel = "triton" if case.mode == "lora_fused" else "torch"
-            apply_lora(model, LoraConfig(enabled=True, r=LORA_R, alpha=2.0 * LORA_R, kernel=kernel))
-            if case.ckpt:
-                prepare_for_gradient_checkpointing(model)
-    fused = case.mode == "lora_fused" and enable_fused_loss(model)
-    return model, fused
-
-
-def _engine(case: Case, device: torch.device):
-    """The model as users train it, inside a DeepSpeed engine from configs/deepspeed/zero<stage>.json. Returns
-    (engine, fused)."""
-    from distributed_pt.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from distributed_pt.engine.deepspeed import build_ds_config, initialize
-
-    torch.manual_seed(0)  # the same weights on every rank
-    model, fused = _build(case, device, case.mode != "full")
-    offload = True if case.offload else None  # None keeps the JSON's setting (none)
-    ds = DeepSpeedConfig(
-        config=f"configs/deepspeed/zero{case.zero}.json", zero_stage=case.zero, offload_optimizer=offload
-    )
-    train = TrainConfig(micro_batch_size=case.micro_batch, gradient_accumulation_steps=1)
-    optim = OptimConfig()
-    return initialize(model, build_ds_config(ds, train, optim, case.dtype, case.world), optim, 100), fused
-
-
-def _measure(case: Case, steps: int, mem_cap_gib: float | None, out: dict) -> None:
-    """Build, initialize and train one case on this rank, filling ``out`` (partly filled when it fails)."""
-    from distributed_pt.engine import dist
-    from distributed_pt.engine.metrics import peak_flops
-    from distributed_pt.losses.sft import causal_lm_loss
-    from distributed_pt.models.lora import count_trainable
-
-    cuda = torch.cuda.is_available()
-    preset = PRESETS[case.size]
-    meta, _ = _build(case, torch.device("meta"), case.mode != "full")  # exact counts before any memory is spent
-    n_trainable, n_params = count_trainable(meta)
-    flops = _flops_per_token(meta, preset["num_hidden_layers"], preset["hidden_size"], case.seq)
-    predicted = zero_model_state_bytes(n_params, case.zero, case.world, n_trainable, case.dtype)
-    out.update(n_params=n_params, n_trainable=n_trainable, predicted=predicted)
-    if not cuda and mem_cap_gib is not None and predicted["total"] > mem_cap_gib * 2**30:
-        raise torch.OutOfMemoryError(
-            f"predicted model state {predicted['total'] / 2**30:.2f} GiB > memory cap {mem_cap_gib:.2f} GiB per rank"
-        )
-
-    dist.init_distributed()
-    device = dist.device()
-    if cuda and mem_cap_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_cap_gib * 2**30 / total), device)
-    engine, fused = _engine(case, device)
-    gen = torch.Generator().manual_seed(1 + dist.rank())  # each rank its own random tokens
-    ids = torch.randint(0, preset["vocab_size"], (case.micro_batch, case.seq), generator=gen).to(device)
-    mask, labels = torch.ones_like(ids), ids.clone()
-    labels[:, : case.seq // 4] = -100  # a prompt quarter, as in SFT: the loss covers the response tokens only
-
-    def step(account: bool = False) -> dict | None:
-        loss = causal_lm_loss(engine, ids, mask, labels, fused)
-        engine.backward(loss)
-        state = model_state_bytes(engine) if account else None
-        engine.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return state
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step()
-    out["measured"] = step(account=True)  # the 2nd step: Adam's moments exist, gradients not yet consumed
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    out["step_s"] = statistics.median(times)
-    if cuda:
-        out["peak_alloc"] = torch.cuda.max_memory_allocated()
-        out["peak_reserved"] = torch.cuda.max_memory_reserved()
-        if peak_flops():
-            out["mfu"] = 100 * flops * case.micro_batch * case.seq / out["step_s"] / peak_flops()
-    dist.destroy()
-
-
-def run_child(spec: dict) -> dict:
-    """One rank of one case (``--child``): its measurements, or status oom/error with a note; never raises."""
-    result = {"rank": int(os.environ.get("RANK", 0)), "status": "ok"}
-    try:
-        _measure(Case(**spec["case"]), spec["steps"], spec.get("mem_cap_gib"), result)
-    except Exception as err:  # noqa: BLE001 - every failure becomes a record, the sweep goes on
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        result.update(status="oom" if _is_oom(err) else "error", note=f"{type(err).__name__}: {first}")
-        if result["status"] == "error":
-            traceback.print_exc()
-    return result
 
 
 def launch(case: Case, *, steps: int, mem_cap_gib: float | None, timeout_s: float, cpu: bool) -> list[dict]:
@@ -360,7 +80,7 @@ def launch(case: Case, *, steps: int, mem_cap_gib: float | None, timeout_s: floa
         One result per rank: status ok / oom / error / timeout / aborted (stopped after a peer failed), and on ok
         the measurements of ``_measure``.
     """
-    from distributed_pt.engine.dist import free_port
+    from distributed_pt.dist import free_port
 
     spec = json.dumps({"case": dataclasses.asdict(case), "steps": steps, "mem_cap_gib": mem_cap_gib})
     port, threads = str(free_port()), str(max(1, (os.cpu_count() or 1) // case.world))

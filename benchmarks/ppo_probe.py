@@ -21,7 +21,7 @@ from distributed_pt.data.collate import left_pad
 from distributed_pt.data.demo import is_correct
 from distributed_pt.data.io import read_rows
 from distributed_pt.data.sft import encode_prompt
-from distributed_pt.models.reward import sequence_rewards
+from distributed_pt.models.heads import Backbone, sequence_rewards
 from distributed_pt.rl.rollout import repack
 
 
@@ -83,15 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from distributed_pt.models.reward import enable_token_scores
-
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.policy, local_files_only=True)
     policy = AutoModelForCausalLM.from_pretrained(args.policy, local_files_only=True).eval()
     rm = None
     if args.reward_model:
-        rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model, local_files_only=True).eval()
-        enable_token_scores(rm)
+        rm = Backbone(AutoModelForSequenceClassification.from_pretrained(args.reward_model, local_files_only=True))
+        rm.eval()
     held_out, train = read_rows([DEMO_DIR / "prompts_eval.jsonl"]), read_rows([DEMO_DIR / "prompts_train.jsonl"])
     rows = [r.data for r in held_out + train[::-1]][: args.prompts]
     table = probe(policy, tokenizer, rows, args.samples, rm)

@@ -1,40 +1,102 @@
 """DeepSpeed checkpoints that are safe to crash in, exact resume, and export to Hugging Face format.
 
-Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, one ``rng_rank<r>.pt`` per rank) and a
+Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, one ``rng_rank<r>.safetensors`` per rank) and a
 ``latest`` file naming the newest *complete* step. ``latest`` is replaced atomically only after every rank has
 finished writing, so a crash mid-save leaves the previous checkpoint as the one to resume.
+
+Resuming unpickles nothing, so a checkpoint from someone else cannot run code: the RNG states are safetensors, and
+DeepSpeed's own files are read with every ``torch.load`` forced to ``weights_only`` (see ``_weights_only``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import shutil
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from distributed_pt.engine.dist import barrier, is_main, rank
+from distributed_pt.dist import barrier, is_main, rank
+from distributed_pt.models.zero import gathered, unwrap
 
 LATEST = "latest"
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed safely (an old format, a corrupt or tampered file)."""
+
+
+def _save_rng(path: Path) -> None:
+    """This rank's python, numpy, torch (and CUDA) generator states: the arrays as tensors, the scalars as JSON."""
+    py_version, py_ints, py_gauss = random.getstate()  # (3, 625 ints < 2**32, None | float)
+    np_name, np_keys, *np_rest = np.random.get_state()  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    tensors = {"python": torch.tensor(py_ints, dtype=torch.int64), "numpy": torch.from_numpy(np_keys.astype(np.int64))}
+    tensors["torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    scalars = {"python": [py_version, py_gauss], "numpy": [np_name, *np_rest]}
+    save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})  # JSON floats round-trip exactly
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _read_rng(path: Path) -> Callable[[], None] | None:
+    """Parse and check the states `_save_rng` wrote, restoring nothing yet; returns the function that restores them
+    (None: this rank saved none)."""
+    if not path.is_file():
+        if path.with_suffix(".pt").is_file():
+            raise CheckpointError(
+                f"{path.with_suffix('.pt')}: this checkpoint predates the safe RNG format ({path.name}); its pickle "
+                "is not loaded, since unpickling can run code. Start over with checkpoint.resume=none"
+            )
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            scalars, t = json.loads(f.metadata()["scalars"]), {k: f.get_tensor(k) for k in f.keys()}
+        (py_version, py_gauss), (np_name, *np_rest) = scalars["python"], scalars["numpy"]
+        py_state = (py_version, tuple(t["python"].tolist()), py_gauss)
+        np_state = (np_name, t["numpy"].numpy().astype(np.uint32), *np_rest)
+        random.Random().setstate(py_state)  # checked on scratch generators: a bad file fails before anything loads
+        np.random.RandomState().set_state(np_state)
+        torch.Generator().set_state(t["torch"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a valid RNG state file ({type(e).__name__}: {e})") from e
+
+    def restore() -> None:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(t["torch"])
+        if "cuda" in t and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t["cuda"])
+
+    return restore
+
+
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside runs weights-only, DeepSpeed's too: DeepSpeed 0.19 passes ``weights_only=False``
+    (``runtime/checkpoint_engine/torch_checkpoint_engine.py:37``), which torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    overrides. Besides tensors and plain data, ZeRO optimizer files hold these plain DeepSpeed objects."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        os.environ.pop(key)
+        if old is not None:
+            os.environ[key] = old
 
 
 def _engines(engine_or_engines) -> dict[str, Any]:
@@ -52,7 +114,7 @@ def save(engines, output_dir: str, step: int, client_state: dict[str, Any], keep
     for name, engine in _engines(engines).items():
         where, sub = (root, tag) if not name else (root / tag, name)
         engine.save_checkpoint(str(where), tag=sub, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank()}.pt")
+    _save_rng(root / tag / f"rng_rank{rank()}.safetensors")
     barrier()  # every rank's files are on disk before `latest` moves
     if is_main():
         tmp = root / f".{LATEST}.tmp"
@@ -85,15 +147,23 @@ def find_resume(output_dir: str, resume: str) -> tuple[Path, str] | None:
 
 
 def load(engines, root: Path, tag: str) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the client state (step, data position)."""
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the client state (step, data position).
+
+    Raises CheckpointError, naming the file or directory, for a checkpoint that would need unpickling.
+    """
+    restore_rng = _read_rng(root / tag / f"rng_rank{rank()}.safetensors")  # first: a bad file stops the resume early
     for name, engine in _engines(engines).items():
         where, sub = (root, tag) if not name else (root / tag, name)
-        path, client_state = engine.load_checkpoint(str(where), tag=sub)
+        try:
+            with _weights_only():
+                path, client_state = engine.load_checkpoint(str(where), tag=sub)
+        except pickle.UnpicklingError as e:
+            why = str(e).rsplit("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0]  # e.g. Unsupported global
+            raise CheckpointError(f"{where / sub}: refusing to unpickle more than tensors and plain data: {why}") from e
         if path is None:
             raise FileNotFoundError(f"could not load DeepSpeed checkpoint {where / sub}")
-    rng_file = root / tag / f"rng_rank{rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if restore_rng is not None:
+        restore_rng()
     return client_state
 
 
@@ -101,12 +171,7 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full CPU state dict on rank 0 (empty elsewhere), gathering ZeRO-3 partitions one parameter at a time."""
     state: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        ctx = nullcontext()
-        if hasattr(p, "ds_id"):
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None)
-        with ctx:
+        with gathered([p]):
             if is_main():
                 state[name] = p.detach().cpu().clone()
     if is_main():
@@ -123,7 +188,7 @@ def export_hf(engine, tokenizer, out_dir: str | Path, state: dict[str, torch.Ten
     `state` replaces the module's own (gathered) state dict, e.g. LoRA-merged weights.
     """
     out = Path(out_dir)
-    module = engine.module
+    module = unwrap(engine.module)  # the HF model inside models.heads.Backbone
     if state is None:
         state = gathered_state_dict(module)
     if is_main():

@@ -76,6 +76,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
 
+    def total_steps(self, batches_per_epoch: int, batches_per_step: int = 1) -> int:
+        """Steps the run lasts: `max_steps`, else `epochs` passes over this rank's `batches_per_epoch` batches at
+        `batches_per_step` batches a step (SFT/RM: gradient_accumulation_steps; PPO: one rollout), at least 1."""
+        return self.max_steps or max(1, self.epochs * batches_per_epoch // batches_per_step)
+
 
 @dataclass
 class LoraConfig:
@@ -232,7 +237,20 @@ class PPOConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+@dataclass(frozen=True)
+class Stage:
+    config: type  # the stage's config dataclass
+    recipe: str  # the module whose `main(cfg) -> dict` runs it
+    example: str  # a bundled config
+
+
+# The one registry of stages: `stage:` in a config picks one. Adding a stage: its config dataclass above, its recipe
+# in distributed_pt/stages/, one line here.
+STAGES: dict[str, Stage] = {
+    "sft": Stage(SFTConfig, "distributed_pt.stages.sft", "configs/sft_tiny.yaml"),
+    "rm": Stage(RMConfig, "distributed_pt.stages.rm", "configs/rm_tiny.yaml"),
+    "ppo": Stage(PPOConfig, "distributed_pt.stages.ppo", "configs/ppo_tiny.yaml"),
+}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -252,7 +270,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             stage = item.split("=", 1)[1]
     if stage not in STAGES:
         raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {stage!r}")
-    cls = STAGES[stage]
+    cls = STAGES[stage].config
     data = _build(cls, raw, prefix="", source=str(path))
     for item in overrides:
         _apply_override(data, item)

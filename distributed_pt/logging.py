@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_pt.config import LoggingConfig
-from distributed_pt.engine.dist import is_main, print0
+from distributed_pt.dist import is_main, print0
 
 
 def wandb_mode(cfg: LoggingConfig) -> str:

@@ -36,7 +36,7 @@ ROWS = [
 
 
 def run_stage(config: Path, nproc: int, overrides: list[str]) -> float:
-    from distributed_pt.engine.dist import free_port
+    from distributed_pt.dist import free_port
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
            str(free_port()), "--module", "distributed_pt.train", str(config), *overrides]  # fmt: skip

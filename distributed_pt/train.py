@@ -7,6 +7,7 @@ python -m distributed_pt.train configs/sft_tiny.yaml [key.sub=value ...]
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -30,17 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _offline_defaults()
 
-    from distributed_pt.config import ConfigError, load_config
+    from distributed_pt.checkpoint import CheckpointError
+    from distributed_pt.config import STAGES, ConfigError, load_config
     from distributed_pt.data.io import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from distributed_pt.stages import ppo, rm, sft
-
-        {"sft": sft.main, "rm": rm.main, "ppo": ppo.main}[cfg.stage](cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        importlib.import_module(STAGES[cfg.stage].recipe).main(cfg)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        from distributed_pt.engine import dist
+        from distributed_pt import dist
 
         dist.destroy(barrier=False)
         sys.exit(2)

@@ -31,18 +31,23 @@ naive torch 1.116 ms, PEFT 1.120 ms; at 4096→1024 (k/v projections) it is slow
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from kernels._utils import INTERPRET
 
-# Tile configs for the fused GEMM. GPU list: the usual Hopper bf16 GEMM shapes (128/256-wide tiles, BLOCK_Q=64,
-# 3-4 stages), to be measured on an H100 with benchmarks/bench_lora_matmul.py; none was chosen by a measurement yet.
-# Interpreter: one big config (cost grows with programs × loop iterations) and no autotuning (it needs a driver).
-if _INTERPRET:
+__all__ = ["dropout_keep_mask", "lora_linear", "lora_linear_reference"]
+
+# Tile configs of the fused GEMM, autotuned per (M bucket, P, Q, BLOCK_R) on a GPU.
+# GPU list: not measured config by config. The usual Hopper bf16 GEMM shapes (128/256-wide tiles, BLOCK_Q=64, 3-4
+# stages, GROUP_M=8); the H100 run (benchmarks/results/bench_lora_matmul_h100.md, 2026-11-23) timed only the autotuned
+# kernel (0.986 ms at 8192 tokens, 4096→4096, r=16) and did not record which config won. _prune_configs came out of
+# that run: fp32 tiles over the shared memory were compiled in full before failing (first-call autotuning time).
+# Interpreter: one config (autotuning needs a driver) of 64-tiles, not chosen by a measurement. Measured since on the
+# 2-core CPU machine (2026-12-03, fp32 forward+backward, 32/64/128-tiles): 111x72→130 r=5 272/70/25 ms, 2048x128→128
+# r=16 3.6/0.79/0.30 s: 128-tiles would be faster (interpreted cost grows with programs × loop iterations); unchanged.
+if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
 else:
     _CONFIGS = [
@@ -57,13 +62,15 @@ else:
             (64, 128, 32, 4, 4),  # fp32 inputs: smaller tiles fit shared memory
         ]
     ]
-_DROPOUT_BLOCK = (64, 64) if _INTERPRET else (32, 128)  # elementwise tile; to be measured on GPU
+# Elementwise dropout tile (BLOCK_M, BLOCK_K): not measured on any GPU (the H100 benches ran without dropout);
+# 32 x 128 is a common elementwise tile. Interpreter: 64 x 64, not measured (few programs).
+_DROPOUT_BLOCK = (64, 64) if INTERPRET else (32, 128)
 
 
 def _prune_configs(configs, named_args, **kwargs):  # noqa: ANN001, ANN003
     """Drop the tile configs whose pipelined operand tiles cannot fit the GPU's shared memory (fp32 inputs): they
     would be compiled in full before failing at launch, the bulk of the first call's autotuning time."""
-    if _INTERPRET or len(configs) <= 1:
+    if INTERPRET or len(configs) <= 1:
         return configs
     elem = named_args["a_ptr"].element_size()
     limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
@@ -208,7 +215,7 @@ def _lora_matmul(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), d.stride(0), d.stride(1),
         out.stride(0), out.stride(1),
         float(scale), float(p_drop), int(seed),
-        HAS_BIAS=bias is not None, DROPOUT=p_drop > 0.0, UPCAST=_INTERPRET,
+        HAS_BIAS=bias is not None, DROPOUT=p_drop > 0.0, UPCAST=INTERPRET,
         INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=max(16, triton.next_power_of_2(R)),
     )  # fmt: skip
     return out
@@ -226,26 +233,10 @@ def _dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out
 
 
-def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The boolean keep-mask that ``lora_linear`` uses for a given seed (for tests and debugging).
-
-    Args:
-        shape: (M, k), the flattened input's shape.
-        p: dropout probability.
-        seed: the ``dropout_seed`` passed to (or drawn by) ``lora_linear``.
-        device: where to build it.
-
-    Returns:
-        (M, k) bool tensor, True where the element is kept.
-    """
-    ones = torch.ones(shape, dtype=torch.float32, device=device)
-    return _dropout(ones, p, seed) != 0
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------------------
-class LoRALinearFunction(torch.autograd.Function):
+class _LoRALinearFunction(torch.autograd.Function):
     """Autograd for ``lora_linear`` on flattened inputs; ``weight`` never receives a gradient."""
 
     @staticmethod
@@ -321,7 +312,7 @@ def lora_linear(
     seed = 0
     if p > 0.0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
-    y = LoRALinearFunction.apply(
+    y = _LoRALinearFunction.apply(
         x.reshape(-1, k),
         weight.to(dtype),
         lora_a.to(dtype),
@@ -332,6 +323,22 @@ def lora_linear(
         seed,
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The boolean keep-mask that ``lora_linear`` uses for a given seed (for tests and debugging).
+
+    Args:
+        shape: (M, k), the flattened input's shape.
+        p: dropout probability.
+        seed: the ``dropout_seed`` passed to (or drawn by) ``lora_linear``.
+        device: where to build it.
+
+    Returns:
+        (M, k) bool tensor, True where the element is kept.
+    """
+    ones = torch.ones(shape, dtype=torch.float32, device=device)
+    return _dropout(ones, p, seed) != 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    from distributed_pt.engine.dist import free_port as fp
+    from distributed_pt.dist import free_port as fp
 
     return fp()
 

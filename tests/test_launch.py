@@ -94,7 +94,7 @@ def test_two_simulated_nodes_no_ssh(tmp_path):
     # Both ranks wrote their own ZeRO-2 optimizer shard and RNG state into the shared checkpoint.
     ckpt = out / "checkpoints" / "step_6"
     for r in (0, 1):
-        assert (ckpt / f"rng_rank{r}.pt").is_file()
+        assert (ckpt / f"rng_rank{r}.safetensors").is_file()
         assert (ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file(), sorted(os.listdir(ckpt))
     assert "global_batch_size: 16" in (out / "config.yaml").read_text()
 

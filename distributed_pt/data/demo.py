@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distributed_pt.config import DEMO_DIR
+from distributed_pt.data.prompts import is_exact_match, normalize
 
 WORDS = (
     "cat", "dog", "sun", "tree", "fish", "bird", "book", "cup", "hat", "car", "moon", "star",
@@ -57,11 +58,6 @@ FILES = (
     "prompts_eval.jsonl",
     "chat_sample.jsonl",
 )
-
-
-def normalize(text: str) -> str:
-    """Collapse whitespace: ``"  5 3\\n"`` -> ``"5 3"``. Tokens stay separated as ``tokenizer.decode`` leaves them."""
-    return " ".join(text.split())
 
 
 def _spaced(n: int) -> list[str]:
@@ -179,7 +175,7 @@ def solve(prompt: str) -> str:
 
 def is_correct(prompt: str, response: str) -> bool:
     """Exact match after whitespace normalisation."""
-    return normalize(response) == solve(prompt)
+    return is_exact_match(response, solve(prompt))
 
 
 def score(prompt: str, response: str) -> float:

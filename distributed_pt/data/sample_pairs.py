@@ -23,6 +23,8 @@ import torch
 
 from distributed_pt.data.collate import left_pad
 from distributed_pt.data.io import read_rows
+from distributed_pt.data.prompts import normalize
+from distributed_pt.data.sft import encode_prompt
 
 
 def load_checker(spec: str):
@@ -37,7 +39,7 @@ def sample_pairs(model, tokenizer, rows, checker, samples: int, max_new_tokens: 
     pairs = []
     for i in range(0, len(rows), batch_size):
         chunk = [r.data for r in rows[i : i + batch_size]]
-        ids, mask = left_pad([tokenizer(r["prompt"])["input_ids"] for r in chunk], tokenizer.pad_token_id)
+        ids, mask = left_pad([encode_prompt(tokenizer, r["prompt"]) for r in chunk], tokenizer.pad_token_id)
         texts = []
         for _ in range(samples):
             out = model.generate(
@@ -46,7 +48,7 @@ def sample_pairs(model, tokenizer, rows, checker, samples: int, max_new_tokens: 
             )  # fmt: skip
             texts.append(tokenizer.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True))
         for j, row in enumerate(chunk):
-            answers = {" ".join(t[j].split()) for t in texts}
+            answers = {normalize(t[j]) for t in texts}
             right = [a for a in answers if checker(row["prompt"], a)]
             wrong = sorted(a for a in answers if not checker(row["prompt"], a))
             chosen = right[0] if right else row["answer"]

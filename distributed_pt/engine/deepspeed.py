@@ -138,3 +138,28 @@ def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, tota
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine
+
+
+def frozen_engine(model: torch.nn.Module, ds_config: dict, offload: bool):
+    """A DeepSpeed engine without optimizer for a frozen model (PPO's reference and reward model): ZeRO-3
+    (partitioned; parameters offloaded to CPU with `offload`) when training runs ZeRO-3 or `offload` is set, else a
+    plain replica. Batch sizes and precision come from the training engine's `ds_config`."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    zero = {"stage": 3 if ds_config["zero_optimization"].get("stage", 0) == 3 or offload else 0}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16")
+    engine, *_ = deepspeed.initialize(
+        model=model, config={**{k: ds_config[k] for k in keys}, "zero_optimization": zero}
+    )
+    engine.eval()
+    return engine
+
+
+def stage_ds_config(cfg: Any, optim: OptimConfig | None = None) -> dict[str, Any]:
+    """`build_ds_config` for a stage config at this run's world size (`optim` overrides cfg.optim, e.g. a critic's)."""
+    from distributed_pt import dist
+
+    return build_ds_config(cfg.deepspeed, cfg.train, optim or cfg.optim, cfg.model.dtype, dist.world_size())

@@ -6,21 +6,13 @@ done (`synced_gpus`), so ranks whose sequences end early stay in step with the c
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
+from distributed_pt import dist
 from distributed_pt.data.collate import left_pad
+from distributed_pt.data.prompts import is_exact_match, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt
-from distributed_pt.engine import dist
-
-
-def _gathered(engine):
-    if engine.zero_optimization_stage() != 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+from distributed_pt.models.zero import gathered, unwrap
 
 
 @torch.no_grad()
@@ -30,10 +22,11 @@ def generate(
     """Left-pad `prompts` and generate. Returns (sequences (B, P + R), prompt attention mask (B, P))."""
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
-    was_training = engine.module.training
-    engine.module.eval()
-    with _gathered(engine):
-        out = engine.module.generate(
+    model = unwrap(engine)
+    was_training = model.training
+    model.eval()
+    with gathered(model.parameters()):
+        out = model.generate(
             input_ids=ids.to(engine.device),
             attention_mask=mask.to(engine.device),
             max_new_tokens=max_new_tokens,
@@ -43,20 +36,8 @@ def generate(
             use_cache=True,
             **kwargs,
         )
-    engine.module.train(was_training)
+    model.train(was_training)
     return out, mask.to(engine.device)
-
-
-def prompt_and_reference(row: dict):
-    """(prompt, reference answer) of an SFT, prompt or chat row; chat: the messages before the last assistant one."""
-    if "messages" in row:
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        return row["messages"][:last], row["messages"][last]["content"]
-    return row["prompt"], row.get("response", row.get("answer"))
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
 
 
 def greedy_answers(engine, rows, tokenizer, batch_size: int, max_new_tokens: int) -> list[tuple[dict, str]]:
@@ -74,6 +55,6 @@ def greedy_answers(engine, rows, tokenizer, batch_size: int, max_new_tokens: int
 
 def exact_match(answers: list[tuple[dict, str]]) -> float:
     """The fraction (over all ranks) of responses equal to the row's reference, whitespace-normalised."""
-    hits = sum(normalize(text) == normalize(prompt_and_reference(row)[1]) for row, text in answers)
+    hits = sum(is_exact_match(text, prompt_and_reference(row)[1]) for row, text in answers)
     correct, total = dist.all_reduce_sum(torch.tensor([float(hits), float(len(answers))])).tolist()
     return correct / max(total, 1)

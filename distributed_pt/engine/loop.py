@@ -1,4 +1,20 @@
-"""Pieces every stage's training loop shares: run state, SIGTERM, NaN guard, checkpoint, export, clean exit."""
+"""The run lifecycle every stage shares, written once: start → resume → logger → SIGTERM → first eval → the stage's
+loop → stop check → final eval → save → (the stage's export) → finish.
+
+A stage calls it like this, and keeps its own loop, `train_step`, eval and export:
+
+    start(cfg)                                            # process group, seed, output dir + resolved config
+    ... tokenizer, data, models, engines ...
+    run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))   # resumes if it can
+    before, after = run.train(lambda: train(run, ...), lambda: evaluate(...))
+    export(engine, tokenizer, cfg, run.out / "final")
+    return run.finish(before, after)
+
+    def train(run, ...):                                  # the stage's loop, with the step visible
+        while run.training():
+            ... forward, check_finite(loss, run.state.step + 1), backward, step ...
+            run.end_step(timer.flush)                     # count, progress bar, log, eval, save, stop check
+"""
 
 from __future__ import annotations
 
@@ -6,14 +22,19 @@ import hashlib
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from distributed_pt import checkpoint
+from distributed_pt import checkpoint, dist
 from distributed_pt.config import ConfigError, save_config, to_dict
-from distributed_pt.engine import dist
+from distributed_pt.logging import RunLogger
+
+Metrics = dict[str, float]
 
 
 class TrainingError(RuntimeError):
@@ -32,7 +53,7 @@ class State:
         signal.signal(signal.SIGTERM, lambda *_: self.sigterm.__setitem__(0, True))
 
 
-def start(cfg) -> Path:
+def start(cfg: Any) -> Path:
     """Every stage's first lines: process group, seed, output dir with the resolved config (printed on rank 0)."""
     from distributed_pt.engine.metrics import set_seed
 
@@ -46,18 +67,111 @@ def start(cfg) -> Path:
     return out
 
 
-def finish(cfg, logger, state: State, before: dict, after: dict) -> dict:
-    """Every stage's last lines: summary.json (held-out metrics before and after), W&B summary, teardown."""
-    summary = {"stage": cfg.stage, "steps": state.step, "before": before, "after": after}
-    if dist.is_main():
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.summary(after)
-    logger.close()
-    dist.destroy()
-    return summary
+class Run:
+    """One stage run after its engines exist: resumes the latest checkpoint (if any), opens the logger, installs the
+    SIGTERM handler; then `train` wraps the stage's loop and `finish` writes the summary.
+
+    Args:
+        cfg: the stage config (sections train, logging, checkpoint, output_dir are read).
+        engines: the DeepSpeed engine, or {name: engine} for several (saved side by side).
+        total_steps: optimizer steps (PPO: PPO steps) the run lasts.
+        inputs: `fingerprint` of the tokenizer and training data, saved with every checkpoint and checked on resume.
+        client_state: extra state to save with every checkpoint (e.g. PPO's KL controller); `self.client` holds
+            what a resumed checkpoint had ({} on a fresh start).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        engines: Any,
+        total_steps: int,
+        inputs: dict[str, str],
+        client_state: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.cfg, self.engines, self.total_steps, self._client_state = cfg, engines, total_steps, client_state
+        self.out = Path(cfg.output_dir)
+        self.state = State()
+        self.client = resume(engines, cfg, self.state, inputs)
+        self.logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=self.state.step)
+        self.state.install_sigterm()
+        self._stopping = False
+        self._evaluate: Callable[[], Metrics] = dict
+        self._bar: tqdm | None = None
+
+    def train(self, loop: Callable[[], None], evaluate: Callable[[], Metrics]) -> tuple[Metrics, Metrics]:
+        """First eval (fresh runs only) → `loop()` → final eval and checkpoint. Returns (first, final) eval metrics.
+
+        A TrainingError in the loop exits with status 1; a SIGTERM (during the loop or just after it) saves a
+        checkpoint and exits with status 143.
+        """
+        self._evaluate = evaluate
+        before = evaluate() if self.state.step == 0 else {}
+        if before:
+            self.logger.log(before, step=0)
+        try:
+            loop()
+        except TrainingError as e:
+            self._exit(e)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+        if should_stop(self.state):
+            self.save()
+            self._exit()
+        after = evaluate()
+        self.logger.log(after, step=self.state.step)
+        self.save()
+        return before, after
+
+    def training(self) -> bool:
+        """The loop's condition: steps remain and no rank has asked to stop."""
+        if self._bar is None:
+            show = dist.is_main() and self.cfg.logging.progress_bar
+            self._bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show)
+        return self.state.step < self.total_steps and not self._stopping
+
+    def end_step(self, metrics: Callable[[], Metrics] | Metrics, postfix: tuple[str, ...] = ("loss",)) -> None:
+        """After each optimizer step: count it, then log (`metrics` is called only at log points when it is a
+        function), evaluate, checkpoint and check for a stop on their schedules. Collective: every rank calls it."""
+        s, train = self.state, self.cfg.train
+        s.step += 1
+        s.micro_step += 1
+        self._bar.update(1)
+        if s.step % train.log_every == 0 or s.step == self.total_steps:
+            values = metrics() if callable(metrics) else metrics
+            self._bar.set_postfix({k: f"{values[k]:.4f}" for k in postfix if k in values})
+            self.logger.log(values, step=s.step, console=not self.cfg.logging.progress_bar)
+        if train.eval_every and s.step % train.eval_every == 0 and s.step < self.total_steps:
+            self.logger.log(self._evaluate(), step=s.step)
+        if self.cfg.checkpoint.save_every and s.step % self.cfg.checkpoint.save_every == 0:
+            self.save()
+        self._stopping = should_stop(s)
+
+    def save(self) -> None:
+        save(self.engines, self.cfg, self.state, **self._client_state())
+
+    def finish(self, before: Metrics, after: Metrics) -> dict[str, Any]:
+        """summary.json (held-out metrics before and after), W&B summary, teardown."""
+        summary = {"stage": self.cfg.stage, "steps": self.state.step, "before": before, "after": after}
+        if dist.is_main():
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.logger.summary(after)
+        self.logger.close()
+        dist.destroy()
+        return summary
+
+    def _exit(self, error: Exception | None = None) -> None:
+        """After a TrainingError (status 1) or a SIGTERM that saved a checkpoint (status 143): close up and exit."""
+        if error is not None:
+            dist.print0(f"error: {error}")
+        else:
+            dist.print0(f"SIGTERM: saved a checkpoint at step {self.state.step}; resume with checkpoint.resume=auto")
+        self.logger.close()
+        dist.destroy()
+        sys.exit(1 if error is not None else 143)
 
 
-def fingerprint(tokenizer, train_files: list[str]) -> dict[str, str]:
+def fingerprint(tokenizer: Any, train_files: list[str]) -> dict[str, str]:
     """Short sha256 digests of the tokenizer (vocabulary and chat template) and of the training files' bytes."""
     vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template or ""])
     data = hashlib.sha256()
@@ -68,7 +182,7 @@ def fingerprint(tokenizer, train_files: list[str]) -> dict[str, str]:
     return {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "training data": data.hexdigest()[:16]}
 
 
-def resume(engines, cfg, state: State, inputs: dict[str, str]) -> dict:
+def resume(engines: Any, cfg: Any, state: State, inputs: dict[str, str]) -> dict[str, Any]:
     """Load the checkpoint `checkpoint.resume` names (auto: the latest complete one), if any, into `engines` (one
     engine or {name: engine}). Returns the saved client state ({} when starting fresh).
 
@@ -95,7 +209,7 @@ def resume(engines, cfg, state: State, inputs: dict[str, str]) -> dict:
     return client
 
 
-def save(engines, cfg, state: State, **extra) -> None:
+def save(engines: Any, cfg: Any, state: State, **extra: Any) -> None:
     """Checkpoint `engines` with the run state (and any `extra` client state, e.g. PPO's KL controller).
 
     A step already on disk is not written again: rewriting the directory `latest` names is the one write a kill
@@ -123,18 +237,7 @@ def should_stop(state: State) -> bool:
     return dist.all_reduce_sum(torch.tensor([float(state.sigterm[0])])).item() > 0
 
 
-def exit_early(logger, state: State, error: Exception | None = None) -> None:
-    """After a TrainingError (status 1) or a SIGTERM that saved a checkpoint (status 143): close up and exit."""
-    if error is not None:
-        dist.print0(f"error: {error}")
-    else:
-        dist.print0(f"SIGTERM: saved a checkpoint at step {state.step}; resume with checkpoint.resume=auto")
-    logger.close()
-    dist.destroy()
-    sys.exit(1 if error is not None else 143)
-
-
-def export(engine, tokenizer, cfg, out: Path, task_type: str = "CAUSAL_LM") -> None:
+def export(engine: Any, tokenizer: Any, cfg: Any, out: Path, task_type: str = "CAUSAL_LM") -> None:
     """The HF model (LoRA merged in) and, with LoRA, the adapter alone in PEFT's format under `adapter/`."""
     if not cfg.lora.enabled:
         checkpoint.export_hf(engine, tokenizer, out)

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import torch
 
-from distributed_pt.engine import dist
+from distributed_pt import dist
+from distributed_pt.models.zero import unwrap
 
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor figures, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -37,17 +38,43 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def num_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Parameters (all, or those that train), counting ZeRO-3 partitioned ones at their full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable_only)
+def inner_optimizer(optimizer):
+    """The innermost torch optimizer under DeepSpeed's wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def optimizer_state_mib(optimizer) -> float:
     """MiB of optimizer state (Adam moments) held on this rank, read from the innermost torch optimizer."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    tensors = (t for st in getattr(optimizer, "state", {}).values() for t in st.values() if torch.is_tensor(t))
+    state = getattr(inner_optimizer(optimizer), "state", {})
+    tensors = (t for st in state.values() for t in st.values() if torch.is_tensor(t))
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
+    """Model FLOPs per trained token of one step (forward + backward, no recompute; attention as in PaLM app. B).
+
+    Matmuls: 2N forward + 2N for input gradients + 2N_trainable for weight gradients, N = weights of the linear layers
+    (LM head and LoRA adapters included, embedding lookups not; full sizes under ZeRO-3); attention:
+    12 · layers · hidden · seq_len.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from distributed_pt.models.lora import LoraLinear
+
+    model = unwrap(model)
+    n_mm = n_train = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear | LoraLinear | Conv1D):
+            for p in (m.weight, getattr(m, "lora_A", None), getattr(m, "lora_B", None)):
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    n_mm += getattr(p, "ds_numel", p.numel())
+                    n_train += getattr(p, "ds_numel", p.numel()) if p.requires_grad else 0
+    attention = 12.0 * model.config.num_hidden_layers * model.config.hidden_size * seq_len
+    return 4.0 * n_mm + 2.0 * n_train + attention
 
 
 class StepTimer:
@@ -56,25 +83,24 @@ class StepTimer:
 
     def __init__(self, engine):
         self.engine = engine
-        self.n_params = num_parameters(engine.module)
-        self.n_trainable = num_parameters(engine.module, trainable_only=True)
         self.peak = peak_flops()
         self._reset()
 
     def _reset(self) -> None:
         self.names: list[str] = []
-        self.sums = torch.zeros(2)  # micro batches, tokens, then one sum per value name
+        self.sums = torch.zeros(3)  # micro batches, tokens, sequences, then one sum per value name
         self.start = time.perf_counter()
 
-    def add(self, tokens: int, **values: torch.Tensor | float) -> None:
+    def add(self, tokens: int, sequences: int, **values: torch.Tensor | float) -> None:
+        """One micro batch: its real (non-padding) tokens, its sequences, and values to average (loss, ...)."""
         if not self.names:
             self.names = list(values)
-            self.sums = torch.zeros(2 + len(values))
-        row = [1.0, float(tokens), *(float(torch.as_tensor(v).detach()) for v in values.values())]
+            self.sums = torch.zeros(3 + len(values))
+        row = [1.0, float(tokens), float(sequences), *(float(torch.as_tensor(v).detach()) for v in values.values())]
         self.sums += torch.tensor(row)
 
     def flush(self) -> dict[str, float]:
-        n, tokens, *sums = dist.all_reduce_sum(self.sums).tolist()
+        n, tokens, sequences, *sums = dist.all_reduce_sum(self.sums).tolist()
         elapsed = time.perf_counter() - self.start
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {name: value / max(n, 1) for name, value in zip(self.names, sums, strict=True)}
@@ -86,9 +112,8 @@ class StepTimer:
             "optim_state_mib": optimizer_state_mib(self.engine.optimizer),
         }
         if self.peak:
-            # Per token: 2N forward + 2N for activation gradients + 2 per trainable parameter for weight gradients
-            # (6N for full fine-tuning; less with LoRA's frozen base), over the whole job's peak. Attention excluded.
-            flops_per_token = 4 * self.n_params + 2 * self.n_trainable
-            metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (self.peak * dist.world_size())
+            # Over the whole job's peak; attention at the mean real sequence length.
+            flops = flops_per_token(self.engine, tokens / max(sequences, 1))
+            metrics["mfu"] = flops * metrics["tokens_per_s"] / (self.peak * dist.world_size())
         self._reset()
         return metrics

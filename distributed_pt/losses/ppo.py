@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distributed_pt.rl.advantages import masked_mean
+from distributed_pt.losses.masked import masked_mean, masked_var
 
 
 def policy_loss(
@@ -42,7 +42,5 @@ def value_loss(
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R] over action tokens (1 = perfect value function, <= 0 = no better than a constant)."""
-    from distributed_pt.rl.advantages import masked_var
-
     var_returns = masked_var(returns, mask)
     return (1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)).item()

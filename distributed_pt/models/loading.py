@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from distributed_pt.config import DEMO_DIR, ConfigError, ModelConfig
+from distributed_pt.config import DEMO_DIR, ConfigError, LoraConfig, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -89,3 +89,29 @@ def build_config(init_config: dict, tokenizer: PreTrainedTokenizerBase):
         return AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # transformers 5 validates configs with huggingface_hub's own error types
         raise ConfigError(f"model.init_config: {e}") from e
+
+
+def make_trainable(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool, name: str = "model") -> None:
+    """Full fine-tuning, or LoRA adapters on `lora.target_modules` (base frozen); prints what trains on rank 0."""
+    from distributed_pt import dist
+    from distributed_pt.models.lora import apply_lora, count_trainable, prepare_for_gradient_checkpointing
+
+    if lora.enabled:
+        targets = apply_lora(model, lora)
+        if gradient_checkpointing:
+            prepare_for_gradient_checkpointing(model)
+        dist.print0(f"{name}: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers")
+    trainable, total = count_trainable(model)
+    dist.print0(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | None, key: str) -> None:
+    """A model that reads the policy's tokens (a reward model, a critic) must share its vocabulary and chat template,
+    or it scores garbage. `path` without a tokenizer is not checked."""
+    if path is None or not (Path(path) / "tokenizer_config.json").is_file():
+        return
+    other = load_tokenizer(ModelConfig(path=path))
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{key}: the tokenizer at '{path}' has a different vocabulary from the policy's")
+    if other.chat_template != tokenizer.chat_template:
+        raise ConfigError(f"{key}: the tokenizer at '{path}' has a different chat template from the policy's")

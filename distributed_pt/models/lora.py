@@ -21,54 +21,22 @@ import math
 import re
 import warnings
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored (in, out)
 
+from distributed_pt import dist
 from distributed_pt.config import LoraConfig
+from distributed_pt.models.zero import gathered, num_parameters, unwrap
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_WRAPPER_TYPES = ("DeepSpeedEngine", "PipelineEngine", "DistributedDataParallel", "DataParallel")
-
-
-def _conv1d_type() -> type | None:
-    """transformers' GPT-2 style ``Conv1D`` (weight stored (in, out)), if transformers is installed."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _gathered(params: Iterable[torch.Tensor | None], modifier_rank: int | None = None) -> AbstractContextManager:
-    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 partitioned ones among ``params``, else a no-op.
-
-    Collective under ZeRO-3: every rank must enter it with the same parameters.
-    """
-    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user model inside a DeepSpeed engine or DDP wrapper (their ``module``), else the model itself."""
-    while type(model).__name__ in _WRAPPER_TYPES and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @functools.cache
@@ -103,10 +71,9 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, kernel: str = "auto") -> None:
         super().__init__()
-        conv1d = _conv1d_type()
         if isinstance(base, nn.Linear):
             in_f, out_f, self.fan_in_fan_out = base.in_features, base.out_features, False
-        elif conv1d is not None and isinstance(base, conv1d):
+        elif isinstance(base, Conv1D):
             in_f, out_f, self.fan_in_fan_out = base.nx, base.nf, True
         else:
             raise TypeError(f"LoRA supports nn.Linear and transformers Conv1D, got {type(base).__name__}")
@@ -165,7 +132,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
         # ZeRO-3: all ranks gather and compute the same update; rank 0's copy is kept when re-partitioning.
-        with _gathered([self.weight, self.lora_A, self.lora_B], modifier_rank=0):
+        with gathered([self.weight, self.lora_A, self.lora_B], modifier_rank=0):
             merged = self.weight.float() + sign * self.delta_weight()
             self.weight.data.copy_(merged.to(self.weight.dtype))
 
@@ -185,7 +152,7 @@ class LoraLinear(nn.Module):
         """A plain ``nn.Linear`` (or ``Conv1D``) holding this layer's weight and bias (merge first to keep LoRA)."""
         with torch.device("meta"):  # no throwaway allocation: the parameters are swapped in below
             if self.fan_in_fan_out:
-                layer = _conv1d_type()(self.out_features, self.in_features)
+                layer = Conv1D(self.out_features, self.in_features)
             else:
                 layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         layer.weight = self.weight
@@ -224,7 +191,7 @@ def _find_targets(model: nn.Module, cfg: LoraConfig, skip: list[str]) -> tuple[l
         if hit is not None:
             targets.append((name, module))
             used.add(hit)
-    linear = tuple(t for t in (nn.Linear, _conv1d_type()) if t is not None)
+    linear = (nn.Linear, Conv1D)
     if not targets:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear)})
         raise ValueError(
@@ -260,7 +227,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         ValueError: when nothing matches (the message lists the model's linear layer names), when a match is not a
             linear layer, or when a modules_to_save entry matches nothing.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise RuntimeError("apply_lora: the model already has LoRA layers")
     save = _resolve_modules_to_save(model, list(cfg.modules_to_save))
@@ -291,7 +258,7 @@ def prepare_for_gradient_checkpointing(model: nn.Module) -> torch.utils.hooks.Re
     gradient inside it (the same fix as HF's ``enable_input_require_grads``). Harmless with non-reentrant
     checkpointing. Idempotent: a second call returns the first hook's handle.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     handle = getattr(model, "_lora_input_grad_hook", None)
     if handle is not None:
         return handle
@@ -331,8 +298,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         "base_model.model.<saved module>.<param>": ...}``.
     """
     out = {}
-    for key, t in _adapter_tensors(_unwrap(model)).items():
-        with _gathered([t]):
+    for key, t in _adapter_tensors(unwrap(model)).items():
+        with gathered([t]):
             out[key] = t.detach().to("cpu", copy=True)
     return out
 
@@ -341,7 +308,7 @@ def adapter_config(
     model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None, task_type: str = "CAUSAL_LM"
 ) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` content for the LoRA layers of ``model``."""
-    model = _unwrap(model)
+    model = unwrap(model)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not layers:
         raise ValueError("adapter_config: the model has no LoRA layers (call apply_lora first)")
@@ -378,7 +345,7 @@ def save_adapter(
 
     config = adapter_config(model, cfg, base_model_name_or_path, task_type)
     state = lora_state_dict(model)
-    if _rank() == 0:
+    if dist.is_main():
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS_NAME), {"format": "pt"})
@@ -416,7 +383,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
             e.g. another target_modules or modules_to_save), when a shape differs (another r), or when the saved
             lora_alpha/r differ from the model's.
     """
-    model, adapter_dir = _unwrap(model), Path(adapter_dir)
+    model, adapter_dir = unwrap(model), Path(adapter_dir)
     live = _adapter_tensors(model)
     if not live:
         raise ValueError("load_adapter: the model has no LoRA layers (call apply_lora first)")
@@ -441,14 +408,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         raise ValueError(f"adapter {adapter_dir} has shapes that differ from the model's (another r?): {wrong[:5]}")
     with torch.no_grad():
         for key, t in live.items():
-            with _gathered([t], modifier_rank=0):
+            with gathered([t], modifier_rank=0):
                 t.data.copy_(state[key].to(device=t.device, dtype=t.dtype))
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the base model alone (e.g. as PPO's frozen reference: the same weights, no second copy)."""
-    layers = [m for m in _unwrap(model).modules() if isinstance(m, LoraLinear)]
+    layers = [m for m in unwrap(model).modules() if isinstance(m, LoraLinear)]
     if any(m.merged for m in layers):
         raise RuntimeError("adapters_disabled: unmerge the LoRA layers first (merged weights contain the adapters)")
     for m in layers:
@@ -462,14 +429,14 @@ def adapters_disabled(model: nn.Module):
 
 def merge_lora(model: nn.Module) -> None:
     """Merge every LoRA layer into its weight (collective under ZeRO-3)."""
-    for module in _unwrap(model).modules():
+    for module in unwrap(model).modules():
         if isinstance(module, LoraLinear):
             module.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
     """Undo ``merge_lora`` (collective under ZeRO-3)."""
-    for module in _unwrap(model).modules():
+    for module in unwrap(model).modules():
         if isinstance(module, LoraLinear):
             module.unmerge()
 
@@ -480,7 +447,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     For a model outside a ZeRO-3 engine (the engine's hooks sit on the replaced modules); under ZeRO-3 export with
     ``merged_state_dict`` instead.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             module.merge()
@@ -501,8 +468,8 @@ def merged_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, to
         model: A model passed through ``apply_lora`` (or its engine).
         rank0_only: Other ranks take part in gathering but return an empty dict.
     """
-    model = _unwrap(model)
-    keep = not rank0_only or _rank() == 0
+    model = unwrap(model)
+    keep = not rank0_only or dist.rank() == 0
     lora_of = {id(m.weight): m for m in model.modules() if isinstance(m, LoraLinear)}  # also finds tied copies
     adapters = {id(p) for m in lora_of.values() for p in (m.lora_A, m.lora_B)}
     out: dict[str, torch.Tensor] = {}
@@ -512,7 +479,7 @@ def merged_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, to
             continue
         if id(t) not in done:
             layer = lora_of.get(id(t))
-            with torch.no_grad(), _gathered([t] if layer is None else [t, layer.lora_A, layer.lora_B]):
+            with torch.no_grad(), gathered([t] if layer is None else [t, layer.lora_A, layer.lora_B]):
                 if not keep:
                     value = torch.empty(0)
                 elif layer is not None and not layer.merged:
@@ -527,7 +494,5 @@ def merged_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, to
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; full sizes under ZeRO-3 (``ds_numel``), shared parameters once."""
-    from distributed_pt.engine.metrics import num_parameters
-
-    model = _unwrap(model)
+    model = unwrap(model)
     return num_parameters(model, trainable_only=True), num_parameters(model)

@@ -1,15 +1,14 @@
-"""Reward / value models: a causal LM backbone with a scalar head (HF `*ForSequenceClassification`, num_labels=1).
+"""Reward / value models: a causal LM backbone with a scalar head (HF `*ForSequenceClassification`, num_labels=1),
+and the score statistics a reward model is exported with.
 
 The HF layout means an exported model reloads with `AutoModelForSequenceClassification.from_pretrained`. Scores are
-read by us, not by HF's pooling (which finds the last token by comparing ids with pad_token_id and so misreads
-sequences whose EOS doubles as padding): `token_scores` gives the head's output at every position (B, T) — the
-per-token values a PPO critic needs — and `sequence_rewards` the score at the last non-padding token, correct with
-left or right padding.
+read through `models.heads` (`token_scores` at every position, `sequence_rewards` at the last non-padding token).
 """
 
 from __future__ import annotations
 
-import types
+import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
@@ -41,33 +40,17 @@ def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    enable_token_scores(model)
     return model
 
 
-def enable_token_scores(model: torch.nn.Module) -> None:
-    """Let `model(..., token_scores=True)` return the head's score at every position, (B, T) float32.
-
-    It runs inside the root module's forward, so DeepSpeed ZeRO-3 gathers the backbone and head as usual.
-    """
-    original = model.forward
-
-    def forward(self, input_ids=None, attention_mask=None, token_scores: bool = False, **kwargs):
-        if not token_scores:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.score(hidden).squeeze(-1).float()
-
-    model.forward = types.MethodType(forward, model)
+REWARD_STATS = "reward_stats.json"  # beside a reward model: the eval reward mean/std that PPO normalises scores with
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask → (B,) index of the last non-padding position (works for left and right padding)."""
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return (attention_mask.long() * (positions + 1)).argmax(-1)
+def save_reward_stats(model_dir: str | Path, mean: float, std: float) -> None:
+    (Path(model_dir) / REWARD_STATS).write_text(json.dumps({"mean": mean, "std": std}, indent=1))
 
 
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) scores at each sequence's last non-padding token."""
-    scores = model(input_ids=input_ids, attention_mask=attention_mask, token_scores=True)
-    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+def load_reward_stats(model_dir: str | Path) -> dict[str, float] | None:
+    """{"mean", "std"} saved with a reward model, or None when it has none."""
+    path = Path(model_dir) / REWARD_STATS
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -8,16 +8,15 @@ first EOS), so every later forward pass uses the same positions generation used.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
 
 from distributed_pt.engine.generation import generate
-from distributed_pt.models.fused_loss import token_logprobs
-from distributed_pt.models.reward import sequence_rewards
+from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
 from distributed_pt.rl.kl import kl_estimate
+from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 
 
 @dataclass
@@ -93,16 +92,9 @@ def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: f
     start = time.perf_counter()
     for engine in (models.actor, models.critic):
         engine.eval()
-    old_logprobs, _ = token_logprobs(models.actor, seqs, attn, ppo.temperature)
-    if models.reference is None:
-        from distributed_pt.models.lora import adapters_disabled
-
-        ctx = adapters_disabled(models.actor)
-    else:
-        ctx = nullcontext()
-    with ctx:
-        ref_logprobs, _ = token_logprobs(models.reference or models.actor, seqs, attn, ppo.temperature)
-    values = models.critic(input_ids=seqs, attention_mask=attn, token_scores=True)[:, :-1] * action_mask
+    old_logprobs, _ = token_logprobs(models.actor, seqs, attn, ppo.temperature, models.fused)
+    ref_logprobs = reference_logprobs(models.actor, models.reference, seqs, attn, ppo.temperature, models.fused)
+    values = token_scores(models.critic, seqs, attn)[:, :-1] * action_mask
     raw = sequence_rewards(models.reward, seqs, attn)
     scores = normalised_scores(raw, ended, rm_stats, ppo)
 
@@ -119,3 +111,17 @@ def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: f
     exp = Experience(seqs, attn, action_mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns,
                      scores, raw, ended)  # fmt: skip
     return exp, {"gen_time": gen_time, "score_time": score_time}
+
+
+def log_samples(exp: Experience, tokenizer, logger, step: int, n: int = 4) -> None:
+    """A W&B table of the first `n` rollouts (prompt, response, score); the first one printed on rank 0."""
+    from distributed_pt import dist
+
+    rows = []
+    for i in range(min(n, exp.sequences.size(0))):
+        ids = exp.sequences[i][exp.attention_mask[i].bool()]
+        start = int(exp.action_mask[i].argmax()) + 1
+        prompt, response = (tokenizer.decode(t, skip_special_tokens=True) for t in (ids[:start], ids[start:]))
+        rows.append([prompt, response, exp.scores[i].item()])
+    logger.log_table("samples", ["prompt", "response", "score"], rows, step=step)
+    dist.print0(f"sample @ {step}: {rows[0][0]!r} -> {rows[0][1]!r} (score {rows[0][2]:.2f})")

@@ -13,156 +13,85 @@ switched off: no second copy. Each step: a rollout of `ppo.rollout_batch_size` p
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
 
-from distributed_pt import checkpoint
-from distributed_pt.config import ConfigError, ModelConfig, PPOConfig, to_dict
-from distributed_pt.data.collate import ShardedBatches, collate
-from distributed_pt.data.io import DataError, read_rows
+from distributed_pt import checkpoint, dist
+from distributed_pt.config import ConfigError, ModelConfig, PPOConfig
+from distributed_pt.data.collate import Batch, ShardedBatches, collate
+from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt, load_sft_data
-from distributed_pt.engine import dist
-from distributed_pt.engine.deepspeed import build_ds_config, initialize
-from distributed_pt.engine.generation import generate, normalize, prompt_and_reference
-from distributed_pt.engine.loop import (
-    State,
-    TrainingError,
-    check_finite,
-    exit_early,
-    export,
-    fingerprint,
-    finish,
-    resume,
-    save,
-    should_stop,
-    start,
-)
+from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
+from distributed_pt.engine.generation import generate
+from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
-from distributed_pt.logging import RunLogger
+from distributed_pt.losses.masked import masked_mean
 from distributed_pt.losses.ppo import explained_variance, policy_loss, value_loss
-from distributed_pt.losses.sft import causal_lm_loss
-from distributed_pt.models.fused_loss import enable_fused_loss, token_logprobs, use_fused_loss
-from distributed_pt.models.loading import load_model, load_tokenizer
-from distributed_pt.models.lora import apply_lora, count_trainable, prepare_for_gradient_checkpointing
-from distributed_pt.models.reward import load_reward_model, sequence_rewards
-from distributed_pt.rl.advantages import masked_mean
+from distributed_pt.models.heads import Backbone, lm_loss, sequence_rewards, token_scores, use_fused_loss
+from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
+from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
-from distributed_pt.rl.rollout import make_experience, normalised_scores, repack
+from distributed_pt.rl.logprobs import token_logprobs
+from distributed_pt.rl.rollout import Experience, log_samples, make_experience, normalised_scores, repack
 
 
 def main(cfg: PPOConfig) -> dict:
-    out = start(cfg)
+    start(cfg)
     ppo = cfg.ppo
     check_config(cfg)
-
     tokenizer = load_tokenizer(cfg.model)
-    check_tokenizers_agree(tokenizer, cfg)
-    train_prompts, eval_rows = load_prompts(tokenizer, cfg)
+    check_same_tokenizer(tokenizer, ppo.reward_model, "ppo.reward_model")
+    check_same_tokenizer(tokenizer, ppo.critic_path, "ppo.critic_path")
+    train_prompts, eval_rows = load_prompts(tokenizer, cfg.data)
     dist.print0(f"prompts: {len(train_prompts)} train, {len(eval_rows)} eval")
-    ptx_set = (
-        load_sft_data(tokenizer, dataclasses.replace(cfg.data, train_files=ppo.ptx_files, eval_files=[]), 0)[0]
-        if ppo.ptx_coef > 0
-        else []
-    )
+    ptx_data = dataclasses.replace(cfg.data, train_files=ppo.ptx_files, eval_files=[])
+    ptx_set = load_sft_data(tokenizer, ptx_data, 0)[0] if ppo.ptx_coef > 0 else []
 
     models = build_models(cfg, tokenizer)
     batches = ShardedBatches(len(train_prompts), ppo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches.per_epoch)
+    total_steps = cfg.train.total_steps(batches.per_epoch)
     per_step = micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps  # optimizer steps per PPO step
-    n_updates = total_steps * per_step
-    ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
-    models.actor = initialize(models.actor, ds_config, cfg.optim, max(actor_steps(cfg, total_steps), 1) * per_step)
+    actor_updates = max(actor_steps(cfg, total_steps), 1) * per_step
+    models.actor = initialize(Backbone(models.actor), stage_ds_config(cfg), cfg.optim, actor_updates)
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
-    critic_config = build_ds_config(cfg.deepspeed, cfg.train, critic_optim, cfg.model.dtype, dist.world_size())
-    models.critic = initialize(models.critic, critic_config, critic_optim, n_updates)
+    models.critic = initialize(Backbone(models.critic), stage_ds_config(cfg, critic_optim), critic_optim,
+                               total_steps * per_step)  # fmt: skip
+
+    kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target else None
+    kl_ctl = kl_ctl or FixedKLController(ppo.kl_coef)
     engines = {"actor": models.actor, "critic": models.critic}
-
-    kl_ctl = (
-        AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
-        if ppo.kl_target
-        else FixedKLController(ppo.kl_coef)
+    inputs = fingerprint(tokenizer, cfg.data.train_files + ppo.ptx_files)
+    run = Run(cfg, engines, total_steps, inputs, client_state=lambda: {"kl_ctl": kl_ctl.state_dict()})
+    if run.client:
+        kl_ctl.load_state_dict(run.client["kl_ctl"])
+    ptx = ptx_batches(ptx_set, cfg, run.state.step, tokenizer.pad_token_id)
+    before, after = run.train(
+        lambda: train(run, models, train_prompts, ptx, batches, tokenizer, kl_ctl),
+        lambda: evaluate(models, eval_rows, tokenizer, cfg),
     )
-    state = State()
-    client = resume(engines, cfg, state, fingerprint(tokenizer, cfg.data.train_files + ppo.ptx_files))
-    if client:
-        kl_ctl.load_state_dict(client["kl_ctl"])
-    logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=state.step)
-    state.install_sigterm()
-
-    first_eval = evaluate(models, eval_rows, tokenizer, cfg) if state.step == 0 else {}
-    if first_eval:
-        logger.log(first_eval, step=0)
-    try:
-        train(
-            models,
-            engines,
-            cfg,
-            train_prompts,
-            ptx_set,
-            batches,
-            eval_rows,
-            tokenizer,
-            logger,
-            state,
-            kl_ctl,
-            total_steps,
-        )
-    except TrainingError as e:
-        exit_early(logger, state, e)
-    if should_stop(state):  # SIGTERM during training or just after it: checkpoint, exit 143
-        save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
-        exit_early(logger, state)
-
-    final_eval = evaluate(models, eval_rows, tokenizer, cfg)
-    logger.log(final_eval, step=state.step)
-    save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
     if cfg.checkpoint.export_hf:
-        export(models.actor, tokenizer, cfg, out / "final")
-        checkpoint.export_hf(models.critic, tokenizer, out / "critic")
-    return finish(cfg, logger, state, first_eval, final_eval)
+        export(models.actor, tokenizer, cfg, run.out / "final")
+        checkpoint.export_hf(models.critic, tokenizer, run.out / "critic")
+    return run.finish(before, after)
 
 
-def train(models, engines, cfg, prompts, ptx_set, batches, eval_rows, tokenizer, logger, state, kl_ctl, total_steps):
-    ppo = cfg.ppo
-    rollouts = batches.iterate(state.micro_step)
-    ptx_batches = (
-        ShardedBatches(
-            len(ptx_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed
-        ).iterate(actor_steps(cfg, state.step) * micro_batches_per_step(cfg))
-        if ptx_set
-        else None
-    )
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main() and cfg.logging.progress_bar))
-    while state.step < total_steps:
-        state.micro_step, indices = next(rollouts)
-        exp, timing = make_experience(
-            models, [prompts[i] for i in indices], tokenizer, cfg, kl_ctl.value, models.rm_stats
-        )
+def train(run: Run, models, prompts, ptx: Iterator[Batch] | None, batches: ShardedBatches, tokenizer, kl_ctl) -> None:
+    cfg, ppo = run.cfg, run.cfg.ppo
+    rollouts = batches.iterate(run.state.micro_step)
+    while run.training():
+        run.state.micro_step, indices = next(rollouts)
+        exp, timing = make_experience(models, [prompts[i] for i in indices], tokenizer, cfg, kl_ctl.value,
+                                      models.rm_stats)  # fmt: skip
         start = time.perf_counter()
-        stats = ppo_update(models, exp, cfg, state.step, ptx_set, ptx_batches, tokenizer)
-        train_time = time.perf_counter() - start
-        state.step += 1
-        state.micro_step += 1
-        metrics = rollout_metrics(exp, timing, train_time, stats, kl_ctl, ppo.ppo_epochs)
+        stats = ppo_update(models, exp, cfg, run.state.step, ptx)
+        metrics = rollout_metrics(exp, timing, time.perf_counter() - start, stats, kl_ctl, ppo.ppo_epochs)
         kl_ctl.update(metrics["kl"], n_steps=ppo.rollout_batch_size * dist.world_size())
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-            logger.log(metrics, step=state.step, console=not cfg.logging.progress_bar)
-        if ppo.sample_every and state.step % ppo.sample_every == 0:
-            log_samples(exp, tokenizer, logger, state.step)
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps:
-            logger.log(evaluate(models, eval_rows, tokenizer, cfg), step=state.step)
-        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
-            save(engines, cfg, state, kl_ctl=kl_ctl.state_dict())
-        if should_stop(state):
-            break
-    bar.close()
+        if ppo.sample_every and (run.state.step + 1) % ppo.sample_every == 0:
+            log_samples(exp, tokenizer, run.logger, run.state.step + 1)
+        run.end_step(metrics, postfix=("score", "kl"))
 
 
 def micro_batches_per_step(cfg: PPOConfig) -> int:
@@ -187,7 +116,17 @@ def actor_steps(cfg: PPOConfig, steps: int) -> int:
     return max(steps - cfg.ppo.critic_warmup_steps, 0)
 
 
-def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> dict[str, float]:
+def ptx_batches(ptx_set: list, cfg: PPOConfig, step: int, pad_id: int) -> Iterator[Batch] | None:
+    """PPO-ptx SFT batches from where the actor steps before `step` left off (None without ptx data)."""
+    if not ptx_set:
+        return None
+    world, mbs = dist.world_size(), cfg.train.micro_batch_size
+    order = ShardedBatches(len(ptx_set), mbs, dist.rank(), world, cfg.train.seed)
+    indices = order.iterate(actor_steps(cfg, step) * micro_batches_per_step(cfg))
+    return (collate([ptx_set[i] for i in idx], pad_id) for _, idx in indices)
+
+
+def ppo_update(models, exp: Experience, cfg: PPOConfig, step: int, ptx: Iterator[Batch] | None) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches: clipped policy loss (- entropy bonus, + ptx)
     on the actor, clipped value loss on the critic. Returns the averaged loss statistics."""
     ppo, mbs = cfg.ppo, cfg.train.micro_batch_size
@@ -198,9 +137,9 @@ def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> 
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(exp.sequences.size(0), generator=g).split(mbs):
             mb = exp.select(rows.to(exp.sequences.device))
-            row = actor_update(models, mb, cfg, step, ptx_set, ptx_batches, tokenizer) if train_actor else {}
+            row = actor_update(models, mb, cfg, step, ptx) if train_actor else {}
 
-            values = models.critic(input_ids=mb.sequences, attention_mask=mb.attention_mask, token_scores=True)[:, :-1]
+            values = token_scores(models.critic, mb.sequences, mb.attention_mask)[:, :-1]
             v_loss, v_stats = value_loss(values, mb.values, mb.returns, mb.action_mask, ppo.value_clip)
             check_finite(v_loss, step + 1)
             models.critic.backward(v_loss)
@@ -212,26 +151,25 @@ def ppo_update(models, exp, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> 
     return {k: v / n for k, v in totals.items()}
 
 
-def actor_update(models, mb, cfg, step: int, ptx_set, ptx_batches, tokenizer) -> dict[str, float]:
+def actor_update(models, mb: Experience, cfg: PPOConfig, step: int, ptx: Iterator[Batch] | None) -> dict[str, float]:
     """One actor step on a minibatch: clipped policy loss - entropy bonus (+ ptx_coef * SFT loss on a ptx batch)."""
-    ppo = cfg.ppo
-    logprobs, entropy = token_logprobs(models.actor, mb.sequences, mb.attention_mask, ppo.temperature)
+    ppo, actor = cfg.ppo, models.actor
+    logprobs, entropy = token_logprobs(actor, mb.sequences, mb.attention_mask, ppo.temperature, models.fused)
     pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio)
     ent = masked_mean(entropy, mb.action_mask)
     loss = pg_loss - ppo.entropy_coef * ent
-    if ptx_batches is not None:
-        _, idx = next(ptx_batches)
-        batch = collate([ptx_set[i] for i in idx], tokenizer.pad_token_id).to(models.actor.device)
-        ptx = causal_lm_loss(models.actor, batch.input_ids, batch.attention_mask, batch.labels, models.fused)
-        loss = loss + ppo.ptx_coef * ptx
-        stats["ptx_loss"] = ptx.item()
+    if ptx is not None:
+        batch = next(ptx).to(actor.device)
+        ptx_loss = lm_loss(actor, batch.input_ids, batch.attention_mask, batch.labels, models.fused)
+        loss = loss + ppo.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.item()
     check_finite(loss, step + 1)
-    models.actor.backward(loss)
-    models.actor.step()
+    actor.backward(loss)
+    actor.step()
     return {"policy_loss": pg_loss.item(), "entropy": ent.item(), **stats}
 
 
-def rollout_metrics(exp, timing, train_time, stats, kl_ctl, epochs) -> dict[str, float]:
+def rollout_metrics(exp: Experience, timing, train_time: float, stats, kl_ctl, epochs: int) -> dict[str, float]:
     """Rollout statistics averaged over ranks (score, reward, KL, lengths, EOS, speeds) and the update's losses."""
     mask = exp.action_mask
     resp_len = mask.sum(1)
@@ -267,19 +205,17 @@ def evaluate(models, rows, tokenizer, cfg: PPOConfig) -> dict[str, float]:
     if not rows or cfg.eval.num_generate <= 0:
         return {}
     mbs = cfg.train.micro_batch_size
-    rows = rows[: cfg.eval.num_generate]
-    mine = dist.equal_share(rows)
+    mine = dist.equal_share(rows[: cfg.eval.num_generate])
     sums = torch.zeros(5, dtype=torch.float64)  # score, correct, with answer, length, n
     for i in range(0, len(mine), mbs):
-        chunk = [r.data for r in mine[i : i + mbs]]
-        prompts = [encode_prompt(tokenizer, prompt_and_reference(r)[0]) for r in chunk]
+        chunk = [prompt_and_reference(r.data) for r in mine[i : i + mbs]]
+        prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in chunk]
         out, prompt_mask = generate(models.actor, prompts, tokenizer, cfg.eval.max_new_tokens, sample=False)
         seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
         scores = normalised_scores(sequence_rewards(models.reward, seqs, attn), ended, models.rm_stats, cfg.ppo)
         texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
-        refs = [prompt_and_reference(r)[1] for r in chunk]
-        correct = sum(ref is not None and normalize(t) == normalize(ref) for t, ref in zip(texts, refs, strict=True))
-        with_answer = sum(ref is not None for ref in refs)
+        correct = sum(is_exact_match(t, ref) for t, (_, ref) in zip(texts, chunk, strict=True))
+        with_answer = sum(ref is not None for _, ref in chunk)
         sums += torch.tensor(
             [scores.sum().item(), correct, with_answer, action_mask.sum().item(), len(chunk)], dtype=torch.float64
         )
@@ -294,19 +230,12 @@ def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
     """Actor (+ LoRA), critic (from the reward model), frozen reward model and reference, and the RM score stats."""
     ppo = cfg.ppo
     actor = load_model(cfg.model, tokenizer)
-    fused = use_fused_loss(cfg.loss.fused) and enable_fused_loss(actor)
+    make_trainable(actor, cfg.lora, cfg.model.gradient_checkpointing, name="actor")
+    fused = use_fused_loss(cfg.loss.fused, actor)
     reference = None
-    if cfg.lora.enabled:
-        apply_lora(actor, cfg.lora)
-        if cfg.model.gradient_checkpointing:
-            prepare_for_gradient_checkpointing(actor)
-    else:
+    if not cfg.lora.enabled:
         reference = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
-        if fused:
-            enable_fused_loss(reference)
-    trainable, total = count_trainable(actor)
-    ref_kind = "the actor with LoRA adapters off" if reference is None else "a frozen copy"
-    dist.print0(f"actor: {trainable:,} trainable of {total:,} parameters; reference: {ref_kind}")
+    dist.print0(f"reference: {'the actor with LoRA adapters off' if reference is None else 'a frozen copy'}")
     rm_cfg = ModelConfig(
         path=ppo.reward_model, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation
     )
@@ -315,10 +244,10 @@ def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
     )
     critic = load_reward_model(critic_cfg, tokenizer)
     reward = load_reward_model(rm_cfg, tokenizer)
-    stats_file = Path(ppo.reward_model) / "reward_stats.json"
-    rm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"mean": 0.0, "std": 1.0}
-    if not stats_file.is_file():
-        dist.print0(f"warning: no {stats_file}; RM scores are used unnormalised")
+    rm_stats = load_reward_stats(ppo.reward_model)
+    if rm_stats is None:
+        dist.print0(f"warning: {ppo.reward_model} has no reward stats; RM scores are used unnormalised")
+        rm_stats = {"mean": 0.0, "std": 1.0}
     if ppo.critic_path is None:
         # The critic starts as the RM: rescale its head so values come out on the normalised score's scale, and its
         # first estimates are a sensible baseline rather than noise that swamps the advantages.
@@ -326,77 +255,8 @@ def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
             critic.score.weight.div_(max(rm_stats["std"], 1e-6))
             if critic.score.bias is not None:
                 critic.score.bias.sub_(rm_stats["mean"]).div_(max(rm_stats["std"], 1e-6))
-    return SimpleNamespace(
-        actor=actor, critic=critic, reward=frozen_engine(reward, cfg), fused=fused, rm_stats=rm_stats,
-        reference=frozen_engine(reference, cfg) if reference is not None else None,
-    )  # fmt: skip
-
-
-def frozen_engine(model, cfg: PPOConfig):
-    """A DeepSpeed engine without optimizer for a frozen model: ZeRO-3 (partitioned, optionally CPU-offloaded) when
-    training runs ZeRO-3 or `ppo.offload_frozen` is set, else a plain replica."""
-    import deepspeed
-
-    model.requires_grad_(False)
-    ds = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, dist.world_size())
-    stage3 = ds["zero_optimization"].get("stage", 0) == 3 or cfg.ppo.offload_frozen
-    zero = {"stage": 3 if stage3 else 0}
-    if cfg.ppo.offload_frozen:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    conf = {
-        k: ds[k]
-        for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16")
-    }
-    engine, *_ = deepspeed.initialize(model=model, config={**conf, "zero_optimization": zero})
-    engine.eval()
-    return engine
-
-
-def load_prompts(tokenizer, cfg: PPOConfig):
-    """Train prompts as token ids (kept to their last data.max_length tokens unless truncation=error) and eval rows."""
-    ids = []
-    for row in read_rows(cfg.data.train_files):
-        prompt = row.data.get("messages", row.data.get("prompt"))
-        if not isinstance(prompt, str | list):
-            raise DataError(f"{row.where}: a prompt row needs 'prompt' (a string) or 'messages' (a list)")
-        tokens = encode_prompt(tokenizer, prompt)
-        if len(tokens) > cfg.data.max_length:
-            if cfg.data.truncation == "error":
-                raise DataError(
-                    f"{row.where}: {len(tokens)} prompt tokens is longer than data.max_length={cfg.data.max_length}"
-                )
-            tokens = tokens[-cfg.data.max_length :]
-        ids.append(tokens)
-    if not ids:
-        raise DataError(f"no prompts in {', '.join(cfg.data.train_files) or '(data.train_files is empty)'}")
-    return ids, read_rows(cfg.data.eval_files) if cfg.data.eval_files else []
-
-
-def check_tokenizers_agree(tokenizer, cfg: PPOConfig) -> None:
-    """The reward model must read the actor's tokens: same vocabulary and chat template, or it scores garbage."""
-    for key, path in (("ppo.reward_model", cfg.ppo.reward_model), ("ppo.critic_path", cfg.ppo.critic_path)):
-        if path is None or not (Path(path) / "tokenizer_config.json").is_file():
-            continue
-        other = load_tokenizer(ModelConfig(path=path))
-        if other.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(
-                f"{key}: the tokenizer at '{path}' has a different vocabulary from the actor's ({cfg.model.path})"
-            )
-        if other.chat_template != tokenizer.chat_template:
-            raise ConfigError(f"{key}: the tokenizer at '{path}' has a different chat template from the actor's")
-
-
-def log_samples(exp, tokenizer, logger, step: int, n: int = 4) -> None:
-    rows = []
-    for i in range(min(n, exp.sequences.size(0))):
-        ids = exp.sequences[i][exp.attention_mask[i].bool()]
-        start = int(exp.action_mask[i].argmax()) + 1
-        rows.append(
-            [
-                tokenizer.decode(ids[:start], skip_special_tokens=True),
-                tokenizer.decode(ids[start:], skip_special_tokens=True),
-                exp.scores[i].item(),
-            ]
-        )
-    logger.log_table("samples", ["prompt", "response", "score"], rows, step=step)
-    dist.print0(f"sample @ {step}: {rows[0][0]!r} -> {rows[0][1]!r} (score {rows[0][2]:.2f})")
+    ds_config, offload = stage_ds_config(cfg), ppo.offload_frozen
+    reward = frozen_engine(Backbone(reward), ds_config, offload)
+    reference = frozen_engine(Backbone(reference), ds_config, offload) if reference is not None else None
+    return SimpleNamespace(actor=actor, critic=critic, reward=reward, reference=reference, fused=fused,
+                           rm_stats=rm_stats)  # fmt: skip

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from benchmarks import bench_memory as bm
+from benchmarks import memory_case
 from benchmarks.harness import render
+from benchmarks.memory_case import is_oom
+from benchmarks.zero_accounting import zero_model_state_bytes
 
 # The "micro" preset by hand: embeddings 128x16, untied head 128x16, q/o 16x16, k/v 16x8 (1 KV head of 8),
 # gate/up/down 16x32, two layer norms and the final norm of 16.
@@ -18,21 +21,21 @@ MICRO_PARAMS = 128 * 16 * 2 + 16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 32 + 3 * 16
 
 def test_zero_formula_reproduces_the_papers_example():
     # ZeRO paper, Figure 1: Psi = 7.5B, N = 64, K = 12 → 120 GB, 31.4 GB, 16.6 GB, 1.9 GB.
-    gb = [bm.zero_model_state_bytes(7.5e9, stage, 64)["total"] / 1e9 for stage in (0, 1, 2, 3)]
+    gb = [zero_model_state_bytes(7.5e9, stage, 64)["total"] / 1e9 for stage in (0, 1, 2, 3)]
     assert gb == pytest.approx([120.0, 31.40625, 16.640625, 1.875])
 
 
 def test_zero_formula_terms_by_hand():
     psi, n = 1000, 4
-    assert bm.zero_model_state_bytes(psi, 0, n) == {"params": 2000, "grads": 2000, "optimizer": 12000, "total": 16000}
-    assert bm.zero_model_state_bytes(psi, 1, n)["total"] == 4000 + 12000 / 4
-    assert bm.zero_model_state_bytes(psi, 2, n) == {"params": 2000, "grads": 500, "optimizer": 3000, "total": 5500}
-    assert bm.zero_model_state_bytes(psi, 3, n)["total"] == 16000 / 4
+    assert zero_model_state_bytes(psi, 0, n) == {"params": 2000, "grads": 2000, "optimizer": 12000, "total": 16000}
+    assert zero_model_state_bytes(psi, 1, n)["total"] == 4000 + 12000 / 4
+    assert zero_model_state_bytes(psi, 2, n) == {"params": 2000, "grads": 500, "optimizer": 3000, "total": 5500}
+    assert zero_model_state_bytes(psi, 3, n)["total"] == 16000 / 4
     # LoRA: 1000 frozen-or-not weights, 10 trainable; frozen weights hold only their 2 bytes.
-    assert bm.zero_model_state_bytes(psi, 2, n, n_trainable=10)["total"] == 2000 + 14 * 10 / 4
-    assert bm.zero_model_state_bytes(psi, 3, 1, n_trainable=10)["total"] == 2000 + 14 * 10
+    assert zero_model_state_bytes(psi, 2, n, n_trainable=10)["total"] == 2000 + 14 * 10 / 4
+    assert zero_model_state_bytes(psi, 3, 1, n_trainable=10)["total"] == 2000 + 14 * 10
     # fp32: 4 + 4 + 8 bytes (no master copy).
-    assert bm.zero_model_state_bytes(psi, 1, 2, dtype="fp32") == {
+    assert zero_model_state_bytes(psi, 1, 2, dtype="fp32") == {
         "params": 4000, "grads": 4000, "optimizer": 4000, "total": 12000
     }  # fmt: skip
 
@@ -74,17 +77,17 @@ def test_an_out_of_memory_error_inside_a_rank_becomes_a_result(monkeypatch):
         out["n_params"] = 1
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bm, "_measure", boom)
+    monkeypatch.setattr(memory_case, "_measure", boom)
     case = bm.Case("micro", 32, 1, 2, False, False, 1, "full")
     res = bm.run_child({"case": dataclasses.asdict(case), "steps": 1})
     assert res["status"] == "oom" and res["n_params"] == 1 and "Tried to allocate" in res["note"]
-    assert bm._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
-    assert not bm._is_oom(ValueError("out of memory"))
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert not is_oom(ValueError("out of memory"))
 
 
 def test_harness_renders_the_table_plot_and_notes(tmp_path):
     ok = {"status": "ok", "n_params": 6448, "n_trainable": 6448, "model_state": 103176.0, "step_s": 0.01,
-          "tokens_per_s": 3200.0, "predicted": bm.zero_model_state_bytes(6448, 2, 1),
+          "tokens_per_s": 3200.0, "predicted": zero_model_state_bytes(6448, 2, 1),
           "breakdown": {"params": {"cpu": 12896}}, "per_rank_model_state": [103176.0]}  # fmt: skip
     case = bm.Case("micro", 32, 1, 2, False, False, 1, "full")
     records = bm.records_for(case, ok, "bench_memory_test", cuda=False)

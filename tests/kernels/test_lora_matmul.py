@@ -7,36 +7,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit decoration
 
-from dataclasses import dataclass  # noqa: E402
-
 import pytest  # noqa: E402
 
 from kernels.lora_matmul import dropout_keep_mask, lora_linear, lora_linear_reference  # noqa: E402
+from tests.kernels.helpers import DEVICE, DTYPES, assert_close  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 1.75
-
-
-@dataclass(frozen=True)
-class Tol:
-    rtol: float
-    atol: float  # relative to the largest |value| of the reference
-
-
-TOL = {
-    torch.float32: Tol(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: Tol(rtol=2e-2, atol=2e-2),
-    torch.float16: Tol(rtol=3e-3, atol=3e-3),
-}
 
 # (x shape, n, r): odd sizes (k, n not block multiples, r < 16 padded by masking), aligned, and r padded to 64.
 SHAPES = [((3, 37, 72), 130, 5), ((64, 64), 64, 16), ((2, 50, 96), 80, 40)]
-
-
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    tol = TOL[dtype]
-    atol = tol.atol * expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected, rtol=tol.rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def _inputs(x_shape, n, r, dtype, bias=True, seed=0):
@@ -71,14 +50,14 @@ def _check_against_reference(x, weight, lora_a, lora_b, bias, dy, dtype, p=0.0, 
         rx, weight.double(), ra, rb, SCALE, rbias, p, True, dropout_mask=mask, compute_dtype=torch.float64
     )
     y_ref.backward(dy.double())
-    _assert_close(y, y_ref, dtype, "forward")
+    assert_close(y, y_ref, dtype, "forward")
     names = ["dx", "dA", "dB", "dbias"][: len(leaves)]
     for name, got, ref in zip(names, grads, [t.grad for t in ref_leaves], strict=True):
         assert got.dtype == dtype and got.shape == ref.shape, name
-        _assert_close(got, ref, dtype, name)
+        assert_close(got, ref, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("x_shape,n,r", SHAPES, ids=lambda v: str(v))
 def test_matches_reference(x_shape, n, r, dtype, bias):
@@ -109,8 +88,8 @@ def test_mixed_parameter_dtypes():
     assert y.dtype == torch.bfloat16 and a32.grad.dtype == b32.grad.dtype == torch.float32
     ra, rb = a32.detach().double().requires_grad_(), b32.detach().double().requires_grad_()
     lora_linear_reference(x.detach().double(), weight.double(), ra, rb, SCALE).backward(dy.double())
-    _assert_close(a32.grad, ra.grad, torch.bfloat16, "dA")
-    _assert_close(b32.grad, rb.grad, torch.bfloat16, "dB")
+    assert_close(a32.grad, ra.grad, torch.bfloat16, "dA")
+    assert_close(b32.grad, rb.grad, torch.bfloat16, "dB")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -154,7 +154,11 @@ def test_apply_lora_llama() -> None:
 
 def test_adapters_disabled_gives_the_base_models_logprobs() -> None:
     """PPO's LoRA reference: the actor with adapters off scores tokens exactly as the base model does."""
-    from distributed_pt.models.fused_loss import token_logprobs
+    from distributed_pt.models.heads import Backbone
+    from distributed_pt.rl.logprobs import token_logprobs
+
+    def logprobs(m):
+        return token_logprobs(Backbone(m), ids, mask, temperature=1.0, fused=False)
 
     base = tiny_llama()
     model = copy.deepcopy(base)
@@ -162,11 +166,11 @@ def test_adapters_disabled_gives_the_base_models_logprobs() -> None:
     randomize_b(model)
     ids, mask = input_ids(), torch.ones(2, 7, dtype=torch.long)
     with torch.no_grad():
-        base_lp, _ = token_logprobs(base, ids, mask)
-        adapted_lp, _ = token_logprobs(model, ids, mask)
+        base_lp, _ = logprobs(base)
+        adapted_lp, _ = logprobs(model)
         with adapters_disabled(model):
-            ref_lp, _ = token_logprobs(model, ids, mask)
-        after_lp, _ = token_logprobs(model, ids, mask)
+            ref_lp, _ = logprobs(model)
+        after_lp, _ = logprobs(model)
     torch.testing.assert_close(ref_lp, base_lp)
     assert (adapted_lp - base_lp).abs().max() > 1e-3  # the adapters do matter
     torch.testing.assert_close(after_lp, adapted_lp)  # and come back on leaving the context

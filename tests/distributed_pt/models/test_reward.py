@@ -1,4 +1,4 @@
-"""Scalar-head reward model: last non-padding token with left and right padding, export round trip."""
+"""Scalar-head reward model: last non-padding token with left and right padding, export round trip, score stats."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distributed_pt.config import ConfigError, ModelConfig
+from distributed_pt.models.heads import Backbone, last_token_index, sequence_rewards
 from distributed_pt.models.loading import load_tokenizer
-from distributed_pt.models.reward import last_token_index, load_reward_model, sequence_rewards
+from distributed_pt.models.reward import load_reward_model, load_reward_stats, save_reward_stats
 
 INIT = {
     "model_type": "llama",
@@ -41,12 +42,12 @@ def test_last_token_index_left_and_right_padding():
 def test_rewards_do_not_depend_on_padding_side(model, tok):
     seqs = [tok("sort : b a =")["input_ids"], tok("reverse : cat dog bird fish =")["input_ids"]]
     alone = torch.stack(
-        [sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
+        [sequence_rewards(Backbone(model), torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
     )
     for left in (False, True):
         tok.padding_side = "left" if left else "right"
         batch = tok.pad({"input_ids": seqs}, return_tensors="pt")
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        rewards = sequence_rewards(Backbone(model), batch["input_ids"], batch["attention_mask"])
         torch.testing.assert_close(rewards, alone.squeeze(1), rtol=1e-4, atol=1e-5)
     tok.padding_side = "right"
 
@@ -56,7 +57,7 @@ def test_export_reloads_with_auto_class_and_gives_the_same_scores(model, tok, tm
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_labels == 1
     batch = tok(["add : 1 + 2 =", "sort : c a b ="], return_tensors="pt", padding=True)
-    ours = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    ours = sequence_rewards(Backbone(model), batch["input_ids"], batch["attention_mask"])
     # The reloaded model's own pooling agrees (the demo tokenizer's pad token is distinct from EOS).
     torch.testing.assert_close(reloaded(**batch).logits.squeeze(-1), ours, rtol=1e-5, atol=1e-5)
 
@@ -64,3 +65,9 @@ def test_export_reloads_with_auto_class_and_gives_the_same_scores(model, tok, tm
 def test_needs_a_model(tok):
     with pytest.raises(ConfigError, match="model: set 'path'"):
         load_reward_model(ModelConfig(), tok)
+
+
+def test_reward_stats_round_trip(tmp_path):
+    assert load_reward_stats(tmp_path) is None
+    save_reward_stats(tmp_path, -0.25, 1.5)
+    assert load_reward_stats(tmp_path) == {"mean": -0.25, "std": 1.5}

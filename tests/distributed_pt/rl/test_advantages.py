@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_pt.rl.advantages import gae, masked_mean, masked_whiten
+from distributed_pt.losses.masked import masked_mean
+from distributed_pt.rl.advantages import gae, masked_whiten
 
 
 def test_gae_hand_computed():

@@ -9,8 +9,9 @@ from transformers import AutoModelForSequenceClassification
 
 from distributed_pt.config import DataConfig, ModelConfig
 from distributed_pt.data.preference import collate_pairs, load_preference_data
+from distributed_pt.models.heads import Backbone, sequence_rewards
 from distributed_pt.models.loading import load_tokenizer
-from distributed_pt.models.reward import enable_token_scores, sequence_rewards
+from distributed_pt.models.reward import REWARD_STATS
 from tests.conftest import DEMO, RM_STEPS, read_metrics, train_losses
 
 
@@ -25,10 +26,9 @@ def test_zero2_rm_from_sft_learns_and_exports(rm_zero2_run):
 
     # The export reloads with the HF auto class and scores the held-out pairs as the final eval did.
     final = tmp_path / "final"
-    stats = json.loads((final / "reward_stats.json").read_text())
+    stats = json.loads((final / REWARD_STATS).read_text())
     assert abs(stats["mean"] - after["eval/reward_mean"]) < 1e-6 and stats["std"] > 0
-    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
-    enable_token_scores(model)
+    model = Backbone(AutoModelForSequenceClassification.from_pretrained(final)).eval()
     tok = load_tokenizer(ModelConfig(path=str(final)))
     data = DataConfig(train_files=[str(DEMO / "pref_eval.jsonl")], max_length=64, truncation="left")
     pairs, _, _ = load_preference_data(tok, data, seed=0, use_margin=False)

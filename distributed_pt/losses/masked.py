@@ -1,0 +1,19 @@
+"""Masked reductions over per-token tensors (pure functions of tensors; no distributed calls)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1 (over everything, or along `dim`); 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Variance of x where mask is 1 (biased)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
