@@ -76,3 +76,17 @@ def test_files_stay_small():
     }
     big = [f"{p.relative_to(ROOT)}: {n}" for p, n in sizes.items() if n > (300 if p.parent.name == "stages" else 500)]
     assert not big, big
+
+
+def test_stage_engine_and_rl_functions_are_typed():
+    """Every public function of stages/, engine/ and rl/ annotates its arguments and its return."""
+    untyped = []
+    for d in ("stages", "engine", "rl"):
+        for path in sorted((ROOT / "distributed_pt" / d).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") and node.name != "__init__":
+                    continue
+                args = [a for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+                if any(a.annotation is None for a in args) or node.returns is None:
+                    untyped.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not untyped, untyped

@@ -10,12 +10,16 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distributed_pt.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +104,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_lambda(optim: OptimConfig, total_steps: int):
+def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up to lr, then cosine/linear decay to lr * min_lr_ratio (or constant) at `total_steps`."""
 
     def f(step: int) -> float:
@@ -121,7 +125,7 @@ def _ds_arch_list_ok(value: str) -> bool:
     return bool(entries) and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int):
+def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int) -> DeepSpeedEngine:
     """`deepspeed.initialize` with decay/no-decay groups and our warm-up + decay schedule. Returns the engine."""
     import deepspeed
 
@@ -140,7 +144,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, tota
     return engine
 
 
-def frozen_engine(model: torch.nn.Module, ds_config: dict, offload: bool):
+def frozen_engine(model: torch.nn.Module, ds_config: dict, offload: bool) -> DeepSpeedEngine:
     """A DeepSpeed engine without optimizer for a frozen model (PPO's reference and reward model): ZeRO-3
     (partitioned; parameters offloaded to CPU with `offload`) when training runs ZeRO-3 or `offload` is set, else a
     plain replica. Batch sizes and precision come from the training engine's `ds_config`."""

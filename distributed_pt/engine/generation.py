@@ -6,19 +6,32 @@ done (`synced_gpus`), so ranks whose sequences end early stay in step with the c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from distributed_pt import dist
 from distributed_pt.data.collate import left_pad
+from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt
 from distributed_pt.models.zero import gathered, unwrap
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
 
 @torch.no_grad()
 def generate(
-    engine, prompts: list[list[int]], tokenizer, max_new_tokens: int, sample: bool, temperature=1.0, top_p=1.0
-):
+    engine: DeepSpeedEngine,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad `prompts` and generate. Returns (sequences (B, P + R), prompt attention mask (B, P))."""
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
@@ -40,7 +53,9 @@ def generate(
     return out, mask.to(engine.device)
 
 
-def greedy_answers(engine, rows, tokenizer, batch_size: int, max_new_tokens: int) -> list[tuple[dict, str]]:
+def greedy_answers(
+    engine: DeepSpeedEngine, rows: list[Row], tokenizer: PreTrainedTokenizerBase, batch_size: int, max_new_tokens: int
+) -> list[tuple[dict, str]]:
     """Greedy responses for this rank's equal share of `rows` (a remainder under world size is left out)."""
     mine = dist.equal_share(rows)
     results = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import resource
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,14 +39,14 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def inner_optimizer(optimizer):
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The innermost torch optimizer under DeepSpeed's wrappers."""
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
 
-def optimizer_state_mib(optimizer) -> float:
+def optimizer_state_mib(optimizer: Any) -> float:
     """MiB of optimizer state (Adam moments) held on this rank, read from the innermost torch optimizer."""
     state = getattr(inner_optimizer(optimizer), "state", {})
     tensors = (t for st in state.values() for t in st.values() if torch.is_tensor(t))
@@ -81,7 +82,7 @@ class StepTimer:
     """Accumulates per-micro-batch values (loss, ...) and token counts between log points; `flush` averages them
     over micro batches and ranks and adds lr, grad norm, tokens/s, peak memory, optimizer state and MFU."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.peak = peak_flops()
         self._reset()

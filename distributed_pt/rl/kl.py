@@ -21,7 +21,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 
 class FixedKLController:
-    def __init__(self, coef: float):
+    def __init__(self, coef: float) -> None:
         self.value = coef
 
     def update(self, kl: float, n_steps: int) -> None:
@@ -37,7 +37,7 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019: nudge beta so the observed KL tracks `target` (proportional error clipped to ±0.2)."""
 
-    def __init__(self, coef: float, target: float, horizon: int):
+    def __init__(self, coef: float, target: float, horizon: int) -> None:
         super().__init__(coef)
         self.target, self.horizon = target, horizon
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +18,24 @@ from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
 from distributed_pt.rl.kl import kl_estimate
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class RLModels:
+    """The engines an RL step uses: actor and critic train; reward model and reference are frozen. `reference`
+    None: the LoRA actor with its adapters off. `fused`: log-probs from the LM-head kernel; `rm_stats`: the RM's
+    eval score mean/std that scores are normalised with."""
+
+    actor: DeepSpeedEngine
+    critic: DeepSpeedEngine
+    reward: DeepSpeedEngine
+    reference: DeepSpeedEngine | None
+    fused: bool
+    rm_stats: dict[str, float]
 
 
 @dataclass
@@ -45,7 +64,9 @@ class Experience:
         return Experience(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
 
 
-def repack(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int, pad_id: int):
+def repack(
+    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded generate() output → right-padded (sequences, attention_mask, action_mask, ended)."""
     prompt_len = prompt_mask.size(1)
     response = sequences[:, prompt_len:]
@@ -70,7 +91,7 @@ def repack(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int, pad_
     return seqs, attn, action_mask, ended
 
 
-def normalised_scores(raw: torch.Tensor, ended: torch.Tensor, stats: dict, ppo) -> torch.Tensor:
+def normalised_scores(raw: torch.Tensor, ended: torch.Tensor, stats: dict[str, float], ppo: Any) -> torch.Tensor:
     """(raw - RM eval mean) / std, + no-EOS penalty, clipped to +-reward_clip."""
     score = (raw.float() - stats["mean"]) / max(stats["std"], 1e-6)
     score = score + (~ended).float() * ppo.no_eos_penalty
@@ -78,9 +99,10 @@ def normalised_scores(raw: torch.Tensor, ended: torch.Tensor, stats: dict, ppo) 
 
 
 @torch.no_grad()
-def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: float, rm_stats: dict):
-    """Generate from `prompts` and score everything. `models`: actor, critic (engines), reward (engine), and
-    reference (an engine, or None: the actor with its LoRA adapters switched off). Returns (Experience, timings)."""
+def make_experience(
+    models: RLModels, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase, cfg: Any, kl_coef: float
+) -> tuple[Experience, dict[str, float]]:
+    """Generate from `prompts` (token ids) and score everything with `models`. Returns (Experience, timings)."""
     ppo = cfg.ppo
     start = time.perf_counter()
     out, prompt_mask = generate(
@@ -96,7 +118,7 @@ def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: f
     ref_logprobs = reference_logprobs(models.actor, models.reference, seqs, attn, ppo.temperature, models.fused)
     values = token_scores(models.critic, seqs, attn)[:, :-1] * action_mask
     raw = sequence_rewards(models.reward, seqs, attn)
-    scores = normalised_scores(raw, ended, rm_stats, ppo)
+    scores = normalised_scores(raw, ended, models.rm_stats, ppo)
 
     kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
     rewards = -kl_coef * kl
@@ -113,7 +135,7 @@ def make_experience(models, prompts: list[list[int]], tokenizer, cfg, kl_coef: f
     return exp, {"gen_time": gen_time, "score_time": score_time}
 
 
-def log_samples(exp: Experience, tokenizer, logger, step: int, n: int = 4) -> None:
+def log_samples(exp: Experience, tokenizer: PreTrainedTokenizerBase, logger: Any, step: int, n: int = 4) -> None:
     """A W&B table of the first `n` rollouts (prompt, response, score); the first one printed on rank 0."""
     from distributed_pt import dist
 

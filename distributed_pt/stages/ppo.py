@@ -15,15 +15,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from distributed_pt import checkpoint, dist
 from distributed_pt.config import ConfigError, ModelConfig, PPOConfig
 from distributed_pt.data.collate import Batch, ShardedBatches, collate
+from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
-from distributed_pt.data.sft import encode_prompt, load_sft_data
+from distributed_pt.data.sft import Example, encode_prompt, load_sft_data
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.generation import generate
 from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
@@ -35,7 +36,12 @@ from distributed_pt.models.loading import check_same_tokenizer, load_model, load
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 from distributed_pt.rl.logprobs import token_logprobs
-from distributed_pt.rl.rollout import Experience, log_samples, make_experience, normalised_scores, repack
+from distributed_pt.rl.rollout import Experience, RLModels, log_samples, make_experience, normalised_scores, repack
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+PtxBatches = Iterator[Batch] | None  # PPO-ptx SFT batches, or None without ptx
 
 
 def main(cfg: PPOConfig) -> dict:
@@ -78,13 +84,20 @@ def main(cfg: PPOConfig) -> dict:
     return run.finish(before, after)
 
 
-def train(run: Run, models, prompts, ptx: Iterator[Batch] | None, batches: ShardedBatches, tokenizer, kl_ctl) -> None:
+def train(
+    run: Run,
+    models: RLModels,
+    prompts: list[list[int]],
+    ptx: PtxBatches,
+    batches: ShardedBatches,
+    tokenizer: PreTrainedTokenizerBase,
+    kl_ctl: FixedKLController,
+) -> None:
     cfg, ppo = run.cfg, run.cfg.ppo
     rollouts = batches.iterate(run.state.micro_step)
     while run.training():
         run.state.micro_step, indices = next(rollouts)
-        exp, timing = make_experience(models, [prompts[i] for i in indices], tokenizer, cfg, kl_ctl.value,
-                                      models.rm_stats)  # fmt: skip
+        exp, timing = make_experience(models, [prompts[i] for i in indices], tokenizer, cfg, kl_ctl.value)
         start = time.perf_counter()
         stats = ppo_update(models, exp, cfg, run.state.step, ptx)
         metrics = rollout_metrics(exp, timing, time.perf_counter() - start, stats, kl_ctl, ppo.ppo_epochs)
@@ -116,7 +129,7 @@ def actor_steps(cfg: PPOConfig, steps: int) -> int:
     return max(steps - cfg.ppo.critic_warmup_steps, 0)
 
 
-def ptx_batches(ptx_set: list, cfg: PPOConfig, step: int, pad_id: int) -> Iterator[Batch] | None:
+def ptx_batches(ptx_set: list[Example], cfg: PPOConfig, step: int, pad_id: int) -> PtxBatches:
     """PPO-ptx SFT batches from where the actor steps before `step` left off (None without ptx data)."""
     if not ptx_set:
         return None
@@ -126,7 +139,7 @@ def ptx_batches(ptx_set: list, cfg: PPOConfig, step: int, pad_id: int) -> Iterat
     return (collate([ptx_set[i] for i in idx], pad_id) for _, idx in indices)
 
 
-def ppo_update(models, exp: Experience, cfg: PPOConfig, step: int, ptx: Iterator[Batch] | None) -> dict[str, float]:
+def ppo_update(models: RLModels, exp: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches: clipped policy loss (- entropy bonus, + ptx)
     on the actor, clipped value loss on the critic. Returns the averaged loss statistics."""
     ppo, mbs = cfg.ppo, cfg.train.micro_batch_size
@@ -151,7 +164,7 @@ def ppo_update(models, exp: Experience, cfg: PPOConfig, step: int, ptx: Iterator
     return {k: v / n for k, v in totals.items()}
 
 
-def actor_update(models, mb: Experience, cfg: PPOConfig, step: int, ptx: Iterator[Batch] | None) -> dict[str, float]:
+def actor_update(models: RLModels, mb: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches) -> dict[str, float]:
     """One actor step on a minibatch: clipped policy loss - entropy bonus (+ ptx_coef * SFT loss on a ptx batch)."""
     ppo, actor = cfg.ppo, models.actor
     logprobs, entropy = token_logprobs(actor, mb.sequences, mb.attention_mask, ppo.temperature, models.fused)
@@ -169,7 +182,14 @@ def actor_update(models, mb: Experience, cfg: PPOConfig, step: int, ptx: Iterato
     return {"policy_loss": pg_loss.item(), "entropy": ent.item(), **stats}
 
 
-def rollout_metrics(exp: Experience, timing, train_time: float, stats, kl_ctl, epochs: int) -> dict[str, float]:
+def rollout_metrics(
+    exp: Experience,
+    timing: dict[str, float],
+    train_time: float,
+    stats: dict[str, float],
+    kl_ctl: FixedKLController,
+    epochs: int,
+) -> dict[str, float]:
     """Rollout statistics averaged over ranks (score, reward, KL, lengths, EOS, speeds) and the update's losses."""
     mask = exp.action_mask
     resp_len = mask.sum(1)
@@ -199,7 +219,7 @@ def rollout_metrics(exp: Experience, timing, train_time: float, stats, kl_ctl, e
 
 
 @torch.no_grad()
-def evaluate(models, rows, tokenizer, cfg: PPOConfig) -> dict[str, float]:
+def evaluate(models: RLModels, rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> dict[str, float]:
     """Greedy responses to held-out prompts: mean normalised RM score, and exact-match accuracy for rows with an
     answer. Equal shares per rank (a remainder under world size is left out) so ZeRO-3 gathers stay in step."""
     if not rows or cfg.eval.num_generate <= 0:
@@ -226,7 +246,7 @@ def evaluate(models, rows, tokenizer, cfg: PPOConfig) -> dict[str, float]:
     return metrics
 
 
-def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
+def build_models(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase) -> RLModels:
     """Actor (+ LoRA), critic (from the reward model), frozen reward model and reference, and the RM score stats."""
     ppo = cfg.ppo
     actor = load_model(cfg.model, tokenizer)
@@ -258,5 +278,4 @@ def build_models(cfg: PPOConfig, tokenizer) -> SimpleNamespace:
     ds_config, offload = stage_ds_config(cfg), ppo.offload_frozen
     reward = frozen_engine(Backbone(reward), ds_config, offload)
     reference = frozen_engine(Backbone(reference), ds_config, offload) if reference is not None else None
-    return SimpleNamespace(actor=actor, critic=critic, reward=reward, reference=reference, fused=fused,
-                           rm_stats=rm_stats)  # fmt: skip
+    return RLModels(actor, critic, reward, reference, fused, rm_stats)  # actor, critic: engines once initialized

@@ -10,6 +10,8 @@ that PPO normalises scores with), summary.json.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from distributed_pt import dist
@@ -23,6 +25,9 @@ from distributed_pt.losses.pairwise import pairwise_loss, pairwise_metrics
 from distributed_pt.models.heads import Backbone, sequence_rewards
 from distributed_pt.models.loading import load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, save_reward_stats
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def main(cfg: RMConfig) -> dict:
@@ -51,7 +56,9 @@ def main(cfg: RMConfig) -> dict:
     return run.finish(before, after)
 
 
-def train(run: Run, engine, train_set: list[PairExample], batches: ShardedBatches, pad_id: int) -> None:
+def train(
+    run: Run, engine: DeepSpeedEngine, train_set: list[PairExample], batches: ShardedBatches, pad_id: int
+) -> None:
     cfg = run.cfg
     micro_batches = batches.iterate(run.state.micro_step)
     timer = StepTimer(engine)
@@ -70,7 +77,7 @@ def train(run: Run, engine, train_set: list[PairExample], batches: ShardedBatche
 
 
 @torch.no_grad()
-def evaluate(engine, eval_set: list[PairExample], pad_id: int, cfg: RMConfig) -> dict[str, float]:
+def evaluate(engine: DeepSpeedEngine, eval_set: list[PairExample], pad_id: int, cfg: RMConfig) -> dict[str, float]:
     """Loss, accuracy, mean margin and exact reward mean/std over the eval pairs (equal shares per rank, so ZeRO-3's
     gathers stay in step; a remainder of fewer than world-size pairs is left out)."""
     if not eval_set:

@@ -10,12 +10,14 @@ Outputs in `output_dir`: config.yaml, metrics.jsonl, checkpoints/, final/ (HF mo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from distributed_pt import dist
 from distributed_pt.config import SFTConfig
 from distributed_pt.data.collate import ShardedBatches, collate
+from distributed_pt.data.io import Row
 from distributed_pt.data.sft import IGNORE_INDEX, Example, load_sft_data
 from distributed_pt.engine.deepspeed import initialize, stage_ds_config
 from distributed_pt.engine.generation import exact_match, greedy_answers
@@ -23,6 +25,10 @@ from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, s
 from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.models.heads import Backbone, lm_loss, use_fused_loss
 from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -49,7 +55,9 @@ def main(cfg: SFTConfig) -> dict:
     return run.finish(before, after)
 
 
-def train(run: Run, engine, train_set: list[Example], batches: ShardedBatches, pad_id: int, fused: bool) -> None:
+def train(
+    run: Run, engine: DeepSpeedEngine, train_set: list[Example], batches: ShardedBatches, pad_id: int, fused: bool
+) -> None:
     micro_batches = batches.iterate(run.state.micro_step)
     timer = StepTimer(engine)
     while run.training():
@@ -65,7 +73,14 @@ def train(run: Run, engine, train_set: list[Example], batches: ShardedBatches, p
 
 
 @torch.no_grad()
-def evaluate(engine, eval_set: list[Example], eval_rows, tokenizer, cfg: SFTConfig, fused: bool) -> dict[str, float]:
+def evaluate(
+    engine: DeepSpeedEngine,
+    eval_set: list[Example],
+    eval_rows: list[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SFTConfig,
+    fused: bool,
+) -> dict[str, float]:
     """Eval loss/perplexity over the eval set and greedy exact-match accuracy on the first eval rows.
 
     Each rank takes an equal share (a remainder of fewer than world-size examples is left out) so that ZeRO-3's
