@@ -124,6 +124,7 @@ def _engine(case: Case, device: torch.device):
 def _measure(case: Case, steps: int, mem_cap_gib: float | None, out: dict) -> None:
     """Build, initialize and train one case on this rank, filling ``out`` (partly filled when it fails)."""
     from distributed_pt import dist
+    from distributed_pt.data.collate import Batch
     from distributed_pt.data.sft import IGNORE_INDEX
     from distributed_pt.engine.metrics import flops_per_token, peak_flops
     from distributed_pt.models.heads import lm_loss
@@ -151,9 +152,10 @@ def _measure(case: Case, steps: int, mem_cap_gib: float | None, out: dict) -> No
     ids = torch.randint(0, preset["vocab_size"], (case.micro_batch, case.seq), generator=gen).to(device)
     mask, labels = torch.ones_like(ids), ids.clone()
     labels[:, : case.seq // 4] = IGNORE_INDEX  # a prompt quarter, as in SFT: the loss covers the response tokens only
+    batch = Batch(ids, mask, labels)
 
     def step(account: bool = False) -> dict | None:
-        loss = lm_loss(engine, ids, mask, labels, fused)
+        loss = lm_loss(engine, batch, fused)
         engine.backward(loss)
         state = model_state_bytes(engine) if account else None
         engine.step()

@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Local .jsonl/.json/.parquet files. Rows: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}.
+    # Local .jsonl/.json/.parquet/.csv files, globs of shards (data/part-*.parquet), or directories (of such files,
+    # or one written by `Dataset.save_to_disk`). Rows: {"prompt", "response"} or {"messages": [{"role", ...}, ...]}.
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     # With no eval_files, hold out this fraction of the training rows (seeded split).
@@ -49,6 +50,12 @@ class DataConfig:
     # right: keep the first max_length tokens (rows left with no response token are dropped and counted);
     # left: keep the last max_length tokens (drops the start of the prompt); error: a long row is an error.
     truncation: Literal["right", "left", "error"] = "right"
+    # Pack samples into rows of max_length tokens (no attention across samples; positions restart per sample).
+    packing: bool = False
+    # Tokenization workers (Dataset.map num_proc); None: min(8, CPU count).
+    num_proc: int | None = None
+    # Where the tokenized Arrow cache lives; None: <output_dir>/data_cache.
+    cache_dir: str | None = None
 
 
 @dataclass

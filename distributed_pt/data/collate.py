@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from distributed_pt.data.sft import IGNORE_INDEX, Example
 
 
+class Examples(Protocol):
+    """What training reads by index: a tokenized dataset (SFT examples, preference pairs) or its packed rows."""
+
+    def __len__(self) -> int: ...
+
+    def examples(self, indices: list[int]) -> list[Any]: ...
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 on real tokens
     labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt and padding
+    position_ids: torch.Tensor | None = None  # (B, T) for packed rows: restarting at 0 for each sample
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in vars(self).values()))
+
+    @property
+    def model_mask(self) -> torch.Tensor | None:
+        """The attention mask to give the model: none for packed rows (their position ids isolate the samples)."""
+        return None if self.position_ids is not None else self.attention_mask
 
     @property
     def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
         return int(self.attention_mask.sum())
+
+    @property
+    def num_sequences(self) -> int:
+        """Samples in the batch (several per packed row)."""
+        if self.position_ids is None:
+            return len(self.input_ids)
+        return int(((self.position_ids == 0) & (self.attention_mask == 1)).sum())
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens the loss covers (labels shifted by one, IGNORE_INDEX skipped)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

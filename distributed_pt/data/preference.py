@@ -1,22 +1,29 @@
 """Preference pairs for reward modelling: rows → (chosen ids, rejected ids, margin).
 
-Row kinds (local jsonl/json/parquet), tokenized by the same rules as SFT (`data.sft`):
+Row kinds (in any file form `data.io` reads), tokenized by the same rules as SFT (`data.sft`):
   * ``{"prompt": str, "chosen": str, "rejected": str}`` → tok(prompt) + tok(answer) + [eos] for each answer;
   * ``{"chosen": [messages], "rejected": [messages]}`` → each conversation rendered with the chat template.
 An optional numeric ``"margin"`` is read when ``reward.use_margin`` is set. Truncation follows ``data.truncation``
 (``left`` keeps the end of each answer, where the reward is read). Pairs identical after tokenization and
-truncation carry no preference: they are dropped and counted.
+truncation carry no preference: they are dropped and counted. `load_preference_data` tokenizes once into an Arrow
+cache (`data.dataset`) that every rank memory-maps.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from distributed_pt.data.collate import pad
-from distributed_pt.data.io import DataError, Row, read_rows
-from distributed_pt.data.sft import DatasetStats, check_messages, encode_prompt, render_chat, split_rows, truncate
+from distributed_pt.data.dataset import DatasetStats, Recipe, TokenizedDataset, load_cached
+from distributed_pt.data.io import DataError, Row
+from distributed_pt.data.sft import check_messages, encode_prompt, render_chat, truncate
+
+IDENTICAL = "identical chosen and rejected"  # why DatasetStats drops a pair
 
 
 @dataclass
@@ -51,36 +58,72 @@ def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[
     return prompt + answers[0], prompt + answers[1], margin
 
 
-def build_pairs(tokenizer, rows: list[Row], data_cfg, use_margin: bool) -> tuple[list[PairExample], DatasetStats]:
+def tokenize_pair(
+    tokenizer, row: Row, max_length: int, truncation: str, use_margin: bool
+) -> tuple[PairExample, bool, bool]:
+    """One row's pair after truncation, whether it was truncated, and whether it is dropped (identical sides)."""
+    chosen, rejected, margin = encode_pair(tokenizer, row, use_margin)
+    truncated = max(len(chosen), len(rejected)) > max_length
+    if truncated:
+        chosen = truncate(chosen, chosen, max_length, truncation, row.where)[0]
+        rejected = truncate(rejected, rejected, max_length, truncation, row.where)[0]
+    return PairExample(chosen, rejected, margin, row.where), truncated, chosen == rejected
+
+
+def build_pairs(tokenizer, rows: list[Row], data_cfg: Any, use_margin: bool) -> tuple[list[PairExample], DatasetStats]:
+    """Tokenize a few rows in memory (the cached path, `load_preference_data`, applies the same `tokenize_pair`)."""
     stats = DatasetStats(rows=len(rows))
     pairs = []
     for row in rows:
-        chosen, rejected, margin = encode_pair(tokenizer, row, use_margin)
-        if max(len(chosen), len(rejected)) > data_cfg.max_length:
-            stats.truncated += 1
-            chosen = truncate(chosen, chosen, data_cfg.max_length, data_cfg.truncation, row.where)[0]
-            rejected = truncate(rejected, rejected, data_cfg.max_length, data_cfg.truncation, row.where)[0]
-        if chosen == rejected:
-            stats.dropped["identical chosen and rejected"] += 1
+        pair, truncated, dropped = tokenize_pair(tokenizer, row, data_cfg.max_length, data_cfg.truncation, use_margin)
+        stats.truncated += truncated
+        if dropped:
+            stats.dropped[IDENTICAL] += 1
             continue
-        pairs.append(PairExample(chosen, rejected, margin, row.where))
+        pairs.append(pair)
     stats.kept = len(pairs)
     return pairs, stats
 
 
-def load_preference_data(tokenizer, data_cfg, seed: int, use_margin: bool):
-    """Read, split and tokenize. Returns (train pairs, eval pairs, {"train": stats, "eval": stats})."""
-    rows = read_rows(data_cfg.train_files)
-    if data_cfg.eval_files:
-        eval_rows = read_rows(data_cfg.eval_files)
-    else:
-        rows, eval_rows = split_rows(rows, data_cfg.eval_fraction, seed)
-    train, stats = build_pairs(tokenizer, rows, data_cfg, use_margin)
-    evals, eval_stats = build_pairs(tokenizer, eval_rows, data_cfg, use_margin)
-    if not train:
-        files = ", ".join(data_cfg.train_files) or "(data.train_files is empty)"
-        raise DataError(f"no usable preference pairs in {files}: {stats.summary()}")
-    return train, evals, {"train": stats, "eval": eval_stats}
+def encode_batch(
+    batch: dict[str, list], tokenizer, max_length: int, truncation: str, use_margin: bool
+) -> dict[str, list]:
+    """`Dataset.map` function: source rows (columns "row": JSON text, "where") -> chosen, rejected, margin, length
+    (both sides: the tokens a pair puts through the model), truncated, dropped (a dropped pair keeps no tokens)."""
+    out: dict[str, list] = {k: [] for k in ("chosen", "rejected", "margin", "length", "truncated", "dropped")}
+    for text, where in zip(batch["row"], batch["where"], strict=True):
+        row = Row(json.loads(text), where)
+        pair, truncated, dropped = tokenize_pair(tokenizer, row, max_length, truncation, use_margin)
+        out["chosen"].append([] if dropped else pair.chosen)
+        out["rejected"].append([] if dropped else pair.rejected)
+        out["margin"].append(pair.margin)
+        out["length"].append(0 if dropped else len(pair.chosen) + len(pair.rejected))  # both sides are read
+        out["truncated"].append(truncated)
+        out["dropped"].append(dropped)
+    return out
+
+
+def load_preference_data(
+    tokenizer, data_cfg: Any, seed: int, use_margin: bool, cache_dir: Path
+) -> tuple[TokenizedDataset, TokenizedDataset, dict[str, DatasetStats]]:
+    """Read, split and tokenize, once: the pairs are cached under `cache_dir` (see `data.dataset`).
+
+    Returns (train, eval, {"train": stats, "eval": stats}): memory-mapped datasets of `PairExample`s (`len`, `[i]`,
+    `examples(indices)`, `lengths` = the longer side's tokens). `seed` seeds the `data.eval_fraction` split.
+    """
+    recipe = Recipe(
+        kind="preference",
+        item_type=PairExample,
+        encode=encode_batch,
+        fn_kwargs=dict(
+            tokenizer=tokenizer, max_length=data_cfg.max_length, truncation=data_cfg.truncation, use_margin=use_margin
+        ),
+        columns={"chosen": "ids", "rejected": "ids", "margin": "float"},
+        drop_reason=IDENTICAL,
+        empty="no usable preference pairs",
+        settings={"use_margin": use_margin},
+    )
+    return load_cached(recipe, tokenizer, data_cfg, seed, cache_dir)
 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int):

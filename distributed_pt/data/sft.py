@@ -1,6 +1,6 @@
 """SFT examples: rows → token ids with labels masked to -100 everywhere except response tokens.
 
-Row kinds (local jsonl/json/parquet):
+Row kinds (in any file form `data.io` reads):
   * ``{"prompt": str, "response": str}`` → ``tok(prompt)`` (with the tokenizer's own special tokens, e.g. BOS) then
     ``tok(response) + [eos]``; labels cover the response and the EOS.
   * ``{"messages": [{"role": ..., "content": ...}, ...]}`` → rendered with the tokenizer's chat template, or with
@@ -10,15 +10,19 @@ Truncation to ``max_length`` (``data.truncation``):
   * ``right`` (default): keep the first ``max_length`` tokens; a row left with no response token is dropped and counted.
   * ``left``: keep the last ``max_length`` tokens (drops the start of the prompt, keeps the end of the response).
   * ``error``: a longer row is an error naming its file and line.
+
+`load_sft_data` tokenizes once into an Arrow cache (`data.dataset`) that every rank memory-maps.
 """
 
 from __future__ import annotations
 
-import random
-from collections import Counter
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from distributed_pt.data.io import DataError, Row, read_rows
+from distributed_pt.data.dataset import DatasetStats, Recipe, TokenizedDataset, load_cached, split_indices
+from distributed_pt.data.io import DataError, Row
 
 IGNORE_INDEX = -100
 
@@ -38,16 +42,7 @@ class Example:
     where: str
 
 
-@dataclass
-class DatasetStats:
-    rows: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        return f"{self.kept}/{self.rows} rows kept, {self.truncated} truncated, dropped: {drops}"
+NO_RESPONSE = "with no response token"  # why DatasetStats drops a row
 
 
 def chat_template(tokenizer) -> str:
@@ -120,45 +115,70 @@ def truncate(ids: list[int], labels: list[int], max_length: int, policy: str, wh
     return ids[:max_length], labels[:max_length]
 
 
+def tokenize_row(tokenizer, row: Row, max_length: int, truncation: str) -> tuple[Example, bool, bool]:
+    """One row's example after truncation, whether it was truncated, and whether it is dropped (no response token
+    left)."""
+    ids, labels = encode_row(tokenizer, row)
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, labels = truncate(ids, labels, max_length, truncation, row.where)
+    return Example(ids, labels, row.where), truncated, all(lab == IGNORE_INDEX for lab in labels)
+
+
 def build_examples(tokenizer, rows: list[Row], max_length: int, truncation: str) -> tuple[list[Example], DatasetStats]:
+    """Tokenize a few rows in memory (the cached path, `load_sft_data`, applies the same `tokenize_row`)."""
     stats = DatasetStats(rows=len(rows))
     examples = []
     for row in rows:
-        ids, labels = encode_row(tokenizer, row)
-        if len(ids) > max_length:
-            stats.truncated += 1
-            ids, labels = truncate(ids, labels, max_length, truncation, row.where)
-        if all(lab == IGNORE_INDEX for lab in labels):
-            stats.dropped["with no response token"] += 1
+        ex, truncated, dropped = tokenize_row(tokenizer, row, max_length, truncation)
+        stats.truncated += truncated
+        if dropped:
+            stats.dropped[NO_RESPONSE] += 1
             continue
-        examples.append(Example(ids, labels, row.where))
+        examples.append(ex)
     stats.kept = len(examples)
     return examples, stats
 
 
+def encode_batch(batch: dict[str, list], tokenizer, max_length: int, truncation: str) -> dict[str, list]:
+    """`Dataset.map` function: source rows (columns "row": JSON text, "where") -> input_ids, labels, length,
+    truncated, dropped (a dropped row keeps no tokens)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "dropped": []}
+    for text, where in zip(batch["row"], batch["where"], strict=True):
+        ex, truncated, dropped = tokenize_row(tokenizer, Row(json.loads(text), where), max_length, truncation)
+        out["input_ids"].append([] if dropped else ex.input_ids)
+        out["labels"].append([] if dropped else ex.labels)
+        out["length"].append(0 if dropped else len(ex.input_ids))
+        out["truncated"].append(truncated)
+        out["dropped"].append(dropped)
+    return out
+
+
 def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """Seeded random split: (train, eval) with round(fraction * len) eval rows."""
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"data.eval_fraction must be in [0, 1), got {fraction}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = round(fraction * len(rows))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    """Seeded random split: (train, eval) with round(fraction * len) eval rows, each in file order (the rule the
+    cached path applies, `dataset.split_indices`)."""
+    train, held = split_indices(len(rows), fraction, seed)
+    return [rows[i] for i in train], [rows[i] for i in held]
 
 
-def load_sft_data(tokenizer, data_cfg, seed: int):
-    """Read, split, tokenize and mask. Returns (train, eval, eval_rows, stats) — eval_rows feed exact-match eval."""
-    rows = read_rows(data_cfg.train_files)
-    if data_cfg.eval_files:
-        eval_rows = read_rows(data_cfg.eval_files)
-    else:
-        rows, eval_rows = split_rows(rows, data_cfg.eval_fraction, seed)
-    train, stats = build_examples(tokenizer, rows, data_cfg.max_length, data_cfg.truncation)
-    evals, eval_stats = build_examples(tokenizer, eval_rows, data_cfg.max_length, data_cfg.truncation)
-    kept = {e.where for e in evals}
-    eval_rows = [r for r in eval_rows if r.where in kept]
-    if not train:
-        files = ", ".join(data_cfg.train_files) or "(data.train_files is empty)"
-        raise DataError(f"no usable training rows in {files}: {stats.summary()}")
-    return train, evals, eval_rows, {"train": stats, "eval": eval_stats}
+def load_sft_data(
+    tokenizer, data_cfg: Any, seed: int, cache_dir: Path
+) -> tuple[TokenizedDataset, TokenizedDataset, list[Row], dict[str, DatasetStats]]:
+    """Read, split, tokenize and mask, once: the examples are cached under `cache_dir` (see `data.dataset`).
+
+    Returns (train, eval, eval_rows, {"train": stats, "eval": stats}). train/eval are memory-mapped datasets of
+    `Example`s (`len`, `[i]`, `examples(indices)`, `lengths`); eval_rows are the eval rows that kept an example, in
+    the same order (they feed exact-match eval). `seed` seeds the `data.eval_fraction` split.
+    """
+    recipe = Recipe(
+        kind="sft",
+        item_type=Example,
+        encode=encode_batch,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
+        columns={"input_ids": "ids", "labels": "ids"},
+        drop_reason=NO_RESPONSE,
+        empty="no usable training rows",
+        keep_eval_rows=True,
+    )
+    train, evals, stats = load_cached(recipe, tokenizer, data_cfg, seed, cache_dir)
+    return train, evals, evals.source_rows(), stats

@@ -18,7 +18,6 @@ A stage calls it like this, and keeps its own loop, `train_step`, eval and expor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import sys
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from distributed_pt import checkpoint, dist
 from distributed_pt.config import ConfigError, save_config, to_dict
+from distributed_pt.data.io import files_digest, tokenizer_digest
 from distributed_pt.logging import RunLogger
 
 Metrics = dict[str, float]
@@ -65,6 +65,11 @@ def start(cfg: Any) -> Path:
         save_config(cfg, out / "config.yaml")
         print(json.dumps(to_dict(cfg), indent=1), flush=True)
     return out
+
+
+def data_cache(cfg: Any) -> Path:
+    """Where the tokenized data is cached: `data.cache_dir`, else <output_dir>/data_cache."""
+    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "data_cache")
 
 
 class Run:
@@ -173,13 +178,7 @@ class Run:
 
 def fingerprint(tokenizer: Any, train_files: list[str]) -> dict[str, str]:
     """Short sha256 digests of the tokenizer (vocabulary and chat template) and of the training files' bytes."""
-    vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template or ""])
-    data = hashlib.sha256()
-    for path in train_files:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                data.update(chunk)
-    return {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "training data": data.hexdigest()[:16]}
+    return {"tokenizer": tokenizer_digest(tokenizer), "training data": files_digest(train_files)}
 
 
 def resume(engines: Any, cfg: Any, state: State, inputs: dict[str, str]) -> dict[str, Any]:

@@ -89,26 +89,28 @@ class StepTimer:
 
     def _reset(self) -> None:
         self.names: list[str] = []
-        self.sums = torch.zeros(3)  # micro batches, tokens, sequences, then one sum per value name
+        self.sums = torch.zeros(4)  # micro batches, tokens, sequences, slots, then one sum per value name
         self.start = time.perf_counter()
 
-    def add(self, tokens: int, sequences: int, **values: torch.Tensor | float) -> None:
-        """One micro batch: its real (non-padding) tokens, its sequences, and values to average (loss, ...)."""
+    def add(self, tokens: int, sequences: int, slots: int, **values: torch.Tensor | float) -> None:
+        """One micro batch: its real (non-padding) tokens, its sequences (samples), its token slots (padding
+        included: batch rows x width), and values to average over micro batches and ranks (loss, ...)."""
         if not self.names:
             self.names = list(values)
-            self.sums = torch.zeros(3 + len(values))
-        row = [1.0, float(tokens), float(sequences), *(float(torch.as_tensor(v).detach()) for v in values.values())]
-        self.sums += torch.tensor(row)
+            self.sums = torch.zeros(4 + len(values))
+        row = [1.0, float(tokens), float(sequences), float(slots)]
+        self.sums += torch.tensor(row + [float(torch.as_tensor(v).detach()) for v in values.values()])
 
     def flush(self) -> dict[str, float]:
-        n, tokens, sequences, *sums = dist.all_reduce_sum(self.sums).tolist()
+        n, tokens, sequences, slots, *sums = dist.all_reduce_sum(self.sums).tolist()
         elapsed = time.perf_counter() - self.start
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {name: value / max(n, 1) for name, value in zip(self.names, sums, strict=True)}
         metrics |= {
             "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_s": tokens / elapsed,
+            "tokens_per_s": tokens / elapsed,  # real tokens: padding not counted
+            "padding_fraction": 1.0 - tokens / max(slots, 1.0),
             "peak_mem_gib": peak_memory_gib(),
             "optim_state_mib": optimizer_state_mib(self.engine.optimizer),
         }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_pt.config import ConfigError
+from distributed_pt.data.collate import Batch
 from distributed_pt.data.sft import IGNORE_INDEX
 
 HeadFn = Callable[[torch.Tensor, nn.Module], Any]
@@ -45,8 +46,18 @@ class Backbone(nn.Module):
         score = getattr(self.module, "score", None)
         return score if isinstance(score, nn.Module) else self.module.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: HeadFn) -> Any:
-        out = self.module.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        head: HeadFn,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        """`head(hidden, head module)`. Packed rows: no attention mask, position ids restarting at each sample (the
+        model then masks attention block-diagonally; see `data.packing`)."""
+        out = self.module.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return head(out.last_hidden_state, self.head)
 
 
@@ -66,18 +77,21 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits (B, T, V) against unshifted labels (B, T), averaged over non-ignored targets (in
-    float32). Returns 0 (not NaN) when every target is ignored."""
+def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against unshifted labels (B, T) over the non-ignored targets (in float32):
+    their mean (0, not NaN, when every target is ignored) or, with reduction="sum", their sum."""
     targets = shift_labels(labels).reshape(-1)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return losses / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return losses if reduction == "sum" else losses / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def lm_head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, fused: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (labels (B, T), IGNORE_INDEX elsewhere).
+def lm_head_loss(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, fused: bool, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens (labels (B, T), IGNORE_INDEX elsewhere): their mean, or
+    their sum with reduction="sum".
 
     fused: the Triton LM-head kernel, no logits in memory (head must be a plain ``nn.Linear``).
     """
@@ -85,9 +99,9 @@ def lm_head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, fu
         from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
-            hidden, head.weight, shift_labels(labels), bias=head.bias, ignore_index=IGNORE_INDEX
+            hidden, head.weight, shift_labels(labels), bias=head.bias, ignore_index=IGNORE_INDEX, reduction=reduction
         )
-    return masked_token_mean(head(hidden), labels)
+    return masked_token_mean(head(hidden), labels, reduction)
 
 
 def lm_head_logprobs(
@@ -117,16 +131,22 @@ def score_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
 # Calls through a Backbone (or its DeepSpeed engine).
 
 
-def lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, fused: bool
+def lm_loss(model: nn.Module, batch: Batch, fused: bool, reduction: str = "mean") -> torch.Tensor:
+    """The SFT loss of a (padded or packed) batch: cross-entropy over its response tokens, their mean or sum (see
+    `lm_head_loss`)."""
+    head = partial(lm_head_loss, labels=batch.labels, fused=fused, reduction=reduction)
+    return model(batch.input_ids, batch.model_mask, head=head, position_ids=batch.position_ids)
+
+
+def token_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The SFT loss: mean cross-entropy over the response tokens (see `lm_head_loss`)."""
-    return model(input_ids, attention_mask, head=partial(lm_head_loss, labels=labels, fused=fused))
-
-
-def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) scalar head outputs at every position (a PPO critic's per-token values)."""
-    return model(input_ids, attention_mask, head=score_head)
+    """(B, T) scalar head outputs at every position (a PPO critic's per-token values; packed rows: the mask None
+    and position ids restarting at each sample)."""
+    return model(input_ids, attention_mask, head=score_head, position_ids=position_ids)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ import torch
 
 from distributed_pt import checkpoint, dist
 from distributed_pt.config import ConfigError, ModelConfig, PPOConfig
-from distributed_pt.data.collate import Batch, ShardedBatches, collate
+from distributed_pt.data.collate import Batch, Examples, ShardedBatches, collate
 from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
-from distributed_pt.data.sft import Example, encode_prompt, load_sft_data
+from distributed_pt.data.sft import encode_prompt, load_sft_data
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.generation import generate
-from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
+from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.masked import masked_mean
 from distributed_pt.losses.ppo import explained_variance, policy_loss, value_loss
@@ -54,7 +54,7 @@ def main(cfg: PPOConfig) -> dict:
     train_prompts, eval_rows = load_prompts(tokenizer, cfg.data)
     dist.print0(f"prompts: {len(train_prompts)} train, {len(eval_rows)} eval")
     ptx_data = dataclasses.replace(cfg.data, train_files=ppo.ptx_files, eval_files=[])
-    ptx_set = load_sft_data(tokenizer, ptx_data, 0)[0] if ppo.ptx_coef > 0 else []
+    ptx_set = load_sft_data(tokenizer, ptx_data, 0, data_cache(cfg))[0] if ppo.ptx_coef > 0 else None
 
     models = build_models(cfg, tokenizer)
     batches = ShardedBatches(len(train_prompts), ppo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
@@ -129,14 +129,14 @@ def actor_steps(cfg: PPOConfig, steps: int) -> int:
     return max(steps - cfg.ppo.critic_warmup_steps, 0)
 
 
-def ptx_batches(ptx_set: list[Example], cfg: PPOConfig, step: int, pad_id: int) -> PtxBatches:
+def ptx_batches(ptx_set: Examples | None, cfg: PPOConfig, step: int, pad_id: int) -> PtxBatches:
     """PPO-ptx SFT batches from where the actor steps before `step` left off (None without ptx data)."""
-    if not ptx_set:
+    if ptx_set is None:
         return None
     world, mbs = dist.world_size(), cfg.train.micro_batch_size
     order = ShardedBatches(len(ptx_set), mbs, dist.rank(), world, cfg.train.seed)
     indices = order.iterate(actor_steps(cfg, step) * micro_batches_per_step(cfg))
-    return (collate([ptx_set[i] for i in idx], pad_id) for _, idx in indices)
+    return (collate(ptx_set.examples(idx), pad_id) for _, idx in indices)
 
 
 def ppo_update(models: RLModels, exp: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches) -> dict[str, float]:
@@ -173,7 +173,7 @@ def actor_update(models: RLModels, mb: Experience, cfg: PPOConfig, step: int, pt
     loss = pg_loss - ppo.entropy_coef * ent
     if ptx is not None:
         batch = next(ptx).to(actor.device)
-        ptx_loss = lm_loss(actor, batch.input_ids, batch.attention_mask, batch.labels, models.fused)
+        ptx_loss = lm_loss(actor, batch, models.fused)
         loss = loss + ppo.ptx_coef * ptx_loss
         stats["ptx_loss"] = ptx_loss.item()
     check_finite(loss, step + 1)

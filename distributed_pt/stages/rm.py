@@ -16,13 +16,14 @@ import torch
 
 from distributed_pt import dist
 from distributed_pt.config import RMConfig
-from distributed_pt.data.collate import ShardedBatches
-from distributed_pt.data.preference import PairExample, collate_pairs, load_preference_data
+from distributed_pt.data.collate import Batch, Examples, ShardedBatches
+from distributed_pt.data.packing import PackedDataset, collate_packed_pairs
+from distributed_pt.data.preference import collate_pairs, load_preference_data
 from distributed_pt.engine.deepspeed import initialize, stage_ds_config
-from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
+from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.losses.pairwise import pairwise_loss, pairwise_metrics
-from distributed_pt.models.heads import Backbone, sequence_rewards
+from distributed_pt.models.heads import Backbone, sequence_rewards, token_scores
 from distributed_pt.models.loading import load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, save_reward_stats
 
@@ -35,8 +36,12 @@ def main(cfg: RMConfig) -> dict:
         cfg.lora.modules_to_save.append("score")  # the head always trains in full
     start(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set, stats = load_preference_data(tokenizer, cfg.data, cfg.train.seed, cfg.reward.use_margin)
+    data_args = (tokenizer, cfg.data, cfg.train.seed, cfg.reward.use_margin, data_cache(cfg))
+    train_set, eval_set, stats = load_preference_data(*data_args)
     dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
+    if cfg.data.packing:  # whole pairs per row: a pair's two sides are read in the same forward pass
+        train_set = PackedDataset(train_set, cfg.data.max_length)
+        dist.print0(f"packing: {len(train_set)} rows, {train_set.efficiency(cfg.data.max_length):.1%} filled")
     model = load_reward_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing)
 
@@ -56,39 +61,52 @@ def main(cfg: RMConfig) -> dict:
     return run.finish(before, after)
 
 
-def train(
-    run: Run, engine: DeepSpeedEngine, train_set: list[PairExample], batches: ShardedBatches, pad_id: int
-) -> None:
+def train(run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: ShardedBatches, pad_id: int) -> None:
     cfg = run.cfg
     micro_batches = batches.iterate(run.state.micro_step)
     timer = StepTimer(engine)
     while run.training():
         for _ in range(cfg.train.gradient_accumulation_steps):
             run.state.micro_step, indices = next(micro_batches)
-            ids, mask, margin = collate_pairs([train_set[i] for i in indices], pad_id)
-            chosen, rejected = sequence_rewards(engine, ids.to(engine.device), mask.to(engine.device)).chunk(2)
+            chosen, rejected, margin, batch = pair_rewards(engine, train_set.examples(indices), pad_id)
             margin = margin.to(engine.device) if cfg.reward.use_margin else None
             loss = pairwise_loss(chosen, rejected, margin, cfg.reward.center_coef)
             check_finite(loss, run.state.step + 1)
             engine.backward(loss)
             engine.step()
-            timer.add(int(mask.sum()), len(ids), loss=loss, **pairwise_metrics(chosen, rejected))
+            metrics = pairwise_metrics(chosen, rejected)
+            timer.add(batch.num_tokens, 2 * len(chosen), batch.input_ids.numel(), loss=loss, **metrics)
         run.end_step(timer.flush, postfix=("loss", "accuracy"))
 
 
+def pair_rewards(
+    engine: DeepSpeedEngine, items: list, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Batch]:
+    """Rewards of a micro batch: (chosen (P,), rejected (P,), margin (P,), the collated batch). `items` are pairs,
+    or packed rows of pairs (lists), whose rewards are read at each side's last token."""
+    if items and isinstance(items[0], list):
+        batch, chosen_at, rejected_at, margin = collate_packed_pairs(items, pad_id)
+        b = batch.to(engine.device)
+        scores = token_scores(engine, b.input_ids, None, b.position_ids)
+        chosen, rejected = (scores[at[:, 0], at[:, 1]] for at in (chosen_at, rejected_at))
+        return chosen, rejected, margin, batch
+    ids, mask, margin = collate_pairs(items, pad_id)
+    chosen, rejected = sequence_rewards(engine, ids.to(engine.device), mask.to(engine.device)).chunk(2)
+    return chosen, rejected, margin, Batch(ids, mask, ids)
+
+
 @torch.no_grad()
-def evaluate(engine: DeepSpeedEngine, eval_set: list[PairExample], pad_id: int, cfg: RMConfig) -> dict[str, float]:
+def evaluate(engine: DeepSpeedEngine, eval_set: Examples, pad_id: int, cfg: RMConfig) -> dict[str, float]:
     """Loss, accuracy, mean margin and exact reward mean/std over the eval pairs (equal shares per rank, so ZeRO-3's
     gathers stay in step; a remainder of fewer than world-size pairs is left out)."""
     if not eval_set:
         return {}
     engine.eval()
     mbs = cfg.train.micro_batch_size
-    mine = dist.equal_share(eval_set)
+    mine = dist.equal_share(list(range(len(eval_set))))  # indices
     sums = torch.zeros(6)  # loss*n, correct, margin, pairs, reward sum, reward^2 sum
     for i in range(0, len(mine), mbs):
-        ids, mask, margin = collate_pairs(mine[i : i + mbs], pad_id)
-        chosen, rejected = sequence_rewards(engine, ids.to(engine.device), mask.to(engine.device)).chunk(2)
+        chosen, rejected, margin, _ = pair_rewards(engine, eval_set.examples(mine[i : i + mbs]), pad_id)
         chosen, rejected = chosen.float().cpu(), rejected.float().cpu()
         loss = pairwise_loss(chosen, rejected, margin if cfg.reward.use_margin else None)
         rewards = torch.cat([chosen, rejected])

@@ -16,12 +16,13 @@ import torch
 
 from distributed_pt import dist
 from distributed_pt.config import SFTConfig
-from distributed_pt.data.collate import ShardedBatches, collate
+from distributed_pt.data.collate import Examples, ShardedBatches, collate
 from distributed_pt.data.io import Row
-from distributed_pt.data.sft import IGNORE_INDEX, Example, load_sft_data
+from distributed_pt.data.packing import PackedDataset, collate_packed
+from distributed_pt.data.sft import load_sft_data
 from distributed_pt.engine.deepspeed import initialize, stage_ds_config
 from distributed_pt.engine.generation import exact_match, greedy_answers
-from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
+from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.models.heads import Backbone, lm_loss, use_fused_loss
 from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
@@ -34,8 +35,12 @@ if TYPE_CHECKING:
 def main(cfg: SFTConfig) -> dict:
     start(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set, eval_rows, stats = load_sft_data(tokenizer, cfg.data, cfg.train.seed)
+    train_set, eval_set, eval_rows, stats = load_sft_data(tokenizer, cfg.data, cfg.train.seed, data_cache(cfg))
     dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
+    if cfg.data.packing:
+        train_set = PackedDataset(train_set, cfg.data.max_length)
+        efficiency = train_set.efficiency(cfg.data.max_length)
+        dist.print0(f"packing: {len(train_set)} rows of {cfg.data.max_length} tokens, {efficiency:.1%} of them filled")
     model = load_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing)
     fused = use_fused_loss(cfg.loss.fused, model)
@@ -56,26 +61,32 @@ def main(cfg: SFTConfig) -> dict:
 
 
 def train(
-    run: Run, engine: DeepSpeedEngine, train_set: list[Example], batches: ShardedBatches, pad_id: int, fused: bool
+    run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: ShardedBatches, pad_id: int, fused: bool
 ) -> None:
+    """The loss of a step is the sum of its token losses over the response tokens of the whole step (every micro
+    batch, every rank): the update does not depend on how the step's examples are split into micro batches, ranks or
+    packed rows."""
     micro_batches = batches.iterate(run.state.micro_step)
-    timer = StepTimer(engine)
+    make_batch = collate_packed if isinstance(train_set, PackedDataset) else collate
+    timer, world = StepTimer(engine), dist.world_size()
     while run.training():
-        for _ in range(run.cfg.train.gradient_accumulation_steps):
-            run.state.micro_step, indices = next(micro_batches)
-            batch = collate([train_set[i] for i in indices], pad_id).to(engine.device)
-            loss = lm_loss(engine, batch.input_ids, batch.attention_mask, batch.labels, fused)
+        step = [next(micro_batches) for _ in range(run.cfg.train.gradient_accumulation_steps)]
+        micro = [make_batch(train_set.examples(indices), pad_id) for _, indices in step]
+        targets = dist.all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in micro))])).item()
+        for (run.state.micro_step, _), batch in zip(step, micro, strict=True):
+            batch = batch.to(engine.device)
+            loss = lm_loss(engine, batch, fused, reduction="sum") / max(targets, 1.0)  # this batch's share
             check_finite(loss, run.state.step + 1)
-            engine.backward(loss)
+            engine.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages gradients over the ranks
             engine.step()
-            timer.add(batch.num_tokens, len(batch.input_ids), loss=loss)
-        run.end_step(timer.flush)
+            timer.add(batch.num_tokens, batch.num_sequences, batch.input_ids.numel(), loss=loss * len(step) * world)
+        run.end_step(timer.flush)  # loss: the mean over micro batches and ranks of `loss`, i.e. the step's token mean
 
 
 @torch.no_grad()
 def evaluate(
     engine: DeepSpeedEngine,
-    eval_set: list[Example],
+    eval_set: Examples,
     eval_rows: list[Row],
     tokenizer: PreTrainedTokenizerBase,
     cfg: SFTConfig,
@@ -90,13 +101,12 @@ def evaluate(
         return {}
     engine.eval()
     mbs = cfg.train.micro_batch_size
-    mine = dist.equal_share(eval_set)
+    mine = dist.equal_share(list(range(len(eval_set))))  # indices
     totals = torch.zeros(2)
     for i in range(0, len(mine), mbs):
-        b = collate(mine[i : i + mbs], tokenizer.pad_token_id).to(engine.device)
-        n = (b.labels[:, 1:] != IGNORE_INDEX).sum()
-        loss = lm_loss(engine, b.input_ids, b.attention_mask, b.labels, fused)
-        totals += torch.stack([loss.float().cpu() * n.cpu(), n.cpu().float()])
+        b = collate(eval_set.examples(mine[i : i + mbs]), tokenizer.pad_token_id)
+        loss_sum = lm_loss(engine, b.to(engine.device), fused, reduction="sum")
+        totals += torch.tensor([loss_sum.item(), b.num_targets])
     loss_sum, tokens = dist.all_reduce_sum(totals).tolist()
     metrics = {"eval/loss": loss_sum / max(tokens, 1)}
     metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))

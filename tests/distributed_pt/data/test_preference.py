@@ -80,9 +80,9 @@ def test_collate_puts_chosen_first(tok):
     assert ids.shape[0] == 2 and mask[0].sum() > mask[1].sum() and margin.tolist() == [0.0]
 
 
-def test_bundled_demo_pairs_load(tok):
+def test_bundled_demo_pairs_load(tok, tmp_path):
     cfg = DataConfig(
         train_files=[str(DEMO / "pref_train.jsonl")], eval_files=[str(DEMO / "pref_eval.jsonl")], max_length=64
     )
-    train, evals, stats = load_preference_data(tok, cfg, seed=0, use_margin=False)
+    train, evals, stats = load_preference_data(tok, cfg, seed=0, use_margin=False, cache_dir=tmp_path)
     assert len(train) > 1000 and len(evals) > 50 and stats["train"].kept == len(train)

@@ -275,9 +275,9 @@ def test_read_jsonl_line_must_be_an_object(tmp_path):
 def test_read_jsonl_non_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError, match="not valid UTF-8") as e:
         read_rows([str(path)])
-    assert str(path) in str(e.value)
+    assert f"{path}:2:" in str(e.value)
 
 
 def test_read_json_list_and_data_key(tmp_path):
@@ -326,10 +326,10 @@ def test_read_rows_keeps_file_order(tmp_path):
 
 
 def test_read_rows_unsupported_suffix_and_missing_file(tmp_path):
-    csv = tmp_path / "d.csv"
-    csv.write_text("prompt,response\na,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        read_rows([str(csv)])
+    txt = tmp_path / "d.txt"
+    txt.write_text("prompt,response\na,b\n")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        read_rows([str(txt)])
     with pytest.raises(DataError, match="not found") as e:
         read_rows([str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl" in str(e.value)
@@ -360,11 +360,11 @@ def test_split_rows_rejects_bad_fractions(fraction):
         split_rows(rows_n(10), fraction, seed=0)
 
 
-def test_load_sft_data_with_eval_files(tok):
+def test_load_sft_data_with_eval_files(tok, tmp_path):
     cfg = DataConfig(
         train_files=[str(DEMO / "sft_train.jsonl")], eval_files=[str(DEMO / "sft_eval.jsonl")], eval_fraction=0.5
     )
-    train, evals, eval_rows, stats = load_sft_data(tok, cfg, seed=0)
+    train, evals, eval_rows, stats = load_sft_data(tok, cfg, seed=0, cache_dir=tmp_path)
     assert len(train) == 4000 and len(evals) == 200 and len(eval_rows) == 200  # eval_fraction ignored
     assert all("sft_eval.jsonl" in e.where for e in evals)
     assert [r.where for r in eval_rows] == [e.where for e in evals]
@@ -374,18 +374,20 @@ def test_load_sft_data_with_eval_files(tok):
 def test_load_sft_data_with_eval_fraction(tok, tmp_path):
     path = jsonl(tmp_path, [{"prompt": f"sort : {c} a =", "response": f"a {c}"} for c in "bcdefghijk"])
     cfg = DataConfig(train_files=[str(path)], eval_fraction=0.3)
-    train, evals, eval_rows, _ = load_sft_data(tok, cfg, seed=1)
+    train, evals, eval_rows, _ = load_sft_data(tok, cfg, seed=1, cache_dir=tmp_path)
     assert len(train) == 7 and len(evals) == 3 and len(eval_rows) == 3
     assert not {e.where for e in train} & {e.where for e in evals}
-    again = load_sft_data(tok, cfg, seed=1)
+    again = load_sft_data(tok, cfg, seed=1, cache_dir=tmp_path)
     assert [e.where for e in again[1]] == [e.where for e in evals]
+    other_seed = load_sft_data(tok, cfg, seed=2, cache_dir=tmp_path)  # the split's seed is part of the cache key
+    assert [e.where for e in other_seed[1]] == [r.where for r in split_rows(read_rows([str(path)]), 0.3, seed=2)[1]]
 
 
 def test_load_sft_data_drops_unusable_eval_rows_from_eval_rows(tok, tmp_path):
     train = jsonl(tmp_path, [{"prompt": "a", "response": "b"}], "t.jsonl")
     ev = jsonl(tmp_path, [{"prompt": "a", "response": "b"}, LONG], "e.jsonl")
     cfg = DataConfig(train_files=[str(train)], eval_files=[str(ev)], max_length=9)
-    _, evals, eval_rows, stats = load_sft_data(tok, cfg, seed=0)
+    _, evals, eval_rows, stats = load_sft_data(tok, cfg, seed=0, cache_dir=tmp_path)
     assert [r.where for r in eval_rows] == [f"{ev}:1"] == [e.where for e in evals]
     assert stats["eval"].dropped["with no response token"] == 1
 
@@ -393,12 +395,11 @@ def test_load_sft_data_drops_unusable_eval_rows_from_eval_rows(tok, tmp_path):
 def test_empty_dataset_is_an_error(tok, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(DataError, match="no usable training rows") as e:
-        load_sft_data(tok, DataConfig(train_files=[str(empty)]), seed=0)
-    assert "empty.jsonl" in str(e.value)
+    with pytest.raises(DataError, match=f"{empty}: no rows"):
+        load_sft_data(tok, DataConfig(train_files=[str(empty)]), seed=0, cache_dir=tmp_path)
     with pytest.raises(DataError, match="data.train_files is empty"):
-        load_sft_data(tok, DataConfig(), seed=0)
-    # Every row dropped by truncation: also no usable rows.
+        load_sft_data(tok, DataConfig(), seed=0, cache_dir=tmp_path)
+    # Every row dropped by truncation: no usable rows.
     long = jsonl(tmp_path, [LONG], "long.jsonl")
     with pytest.raises(DataError, match="no usable training rows"):
-        load_sft_data(tok, DataConfig(train_files=[str(long)], max_length=5), seed=0)
+        load_sft_data(tok, DataConfig(train_files=[str(long)], max_length=5), seed=0, cache_dir=tmp_path)

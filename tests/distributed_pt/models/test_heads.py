@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from distributed_pt.data.collate import Batch
 from distributed_pt.data.sft import IGNORE_INDEX
 from distributed_pt.models.heads import (
     Backbone,
@@ -132,7 +133,9 @@ def test_plain_loss_equals_the_hf_forward_logits(kind):
     model = _model(kind)
     ids, mask, labels = _batch()
     expected = masked_token_mean(model(input_ids=ids, attention_mask=mask).logits, labels)
-    torch.testing.assert_close(lm_loss(Backbone(model), ids, mask, labels, fused=False), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        lm_loss(Backbone(model), Batch(ids, mask, labels), fused=False), expected, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -140,8 +143,8 @@ def test_fused_loss_and_grads_equal_plain_path(kind):
     plain, fused = _model(kind), _model(kind)
     assert use_fused_loss("true", fused) and not use_fused_loss("false", fused)
     ids, mask, labels = _batch()
-    loss_plain = lm_loss(Backbone(plain), ids, mask, labels, fused=False)
-    loss_fused = lm_loss(Backbone(fused), ids, mask, labels, fused=True)
+    loss_plain = lm_loss(Backbone(plain), Batch(ids, mask, labels), fused=False)
+    loss_fused = lm_loss(Backbone(fused), Batch(ids, mask, labels), fused=True)
     torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-5, atol=1e-5)
     loss_plain.backward()
     loss_fused.backward()
@@ -193,3 +196,12 @@ def test_hf_models_are_left_unpatched_and_still_generate():
     ids = torch.randint(0, 1001, (2, 5))
     assert model(input_ids=ids).logits.shape == (2, 5, 1001)
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (2, 8)
+
+
+def test_sum_reduction_is_the_mean_times_the_targets():
+    model = _model("llama")
+    ids, mask, labels = _batch()
+    batch = Batch(ids, mask, labels)
+    for fused in (False, True):
+        mean, total = (lm_loss(Backbone(model), batch, fused, reduction=r) for r in ("mean", "sum"))
+        torch.testing.assert_close(total, mean * batch.num_targets, rtol=1e-5, atol=1e-5)

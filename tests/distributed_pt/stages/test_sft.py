@@ -220,3 +220,33 @@ def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_partitioned)
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**ids).logits, merged(**ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_one_step_is_the_same_however_its_examples_are_split(tmp_path):
+    """8 examples as 1 micro batch of 8, as 4 accumulated micro batches of 2, and as 2 ranks x 4 give the same update:
+    the loss is normalised over the step's response tokens. Adam with eps >> |g| (and lr = eps) steps by the gradient
+    itself, so a wrong scale shows, not only a wrong direction."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "eight.jsonl"
+    data.write_text("".join((DEMO / "sft_train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    common = [*TINY_SFT, f"data.train_files=[{data}]", "data.eval_files=[]", "train.max_steps=1",
+              "optim.warmup_steps=0", "optim.scheduler=constant", "optim.weight_decay=0", "optim.grad_clip=1e9",
+              "optim.eps=100", "eval.num_generate=0", "deepspeed.config=configs/deepspeed/zero2.json"]  # fmt: skip
+    runs = {
+        "init": (["optim.lr=0", "train.micro_batch_size=8"], 1),
+        "1x8": (["optim.lr=100", "train.micro_batch_size=8"], 1),
+        "4x2": (["optim.lr=100", "train.micro_batch_size=2", "train.gradient_accumulation_steps=4"], 1),
+        "2 ranks x4": (["optim.lr=100", "train.micro_batch_size=4"], 2),
+    }
+    params = {}
+    for name, (overrides, nproc) in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        run_launcher(SFT_CONFIG, [*common, *overrides, f"output_dir={out}"], nproc=nproc)
+        params[name] = load_file(out / "final" / "model.safetensors")
+    delta = {k: {n: p - params["init"][n] for n, p in v.items()} for k, v in params.items() if k != "init"}
+    assert max(d.abs().max().item() for d in delta["1x8"].values()) > 1e-3, "the step must move the weights"
+    for name in ("4x2", "2 ranks x4"):
+        for n, p in params[name].items():
+            torch.testing.assert_close(p, params["1x8"][n], rtol=1e-6, atol=1e-7, msg=f"{name}: {n}")
+            torch.testing.assert_close(delta[name][n], delta["1x8"][n], rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
