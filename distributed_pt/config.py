@@ -226,6 +226,14 @@ class PPOSection:
 
 
 @dataclass
+class RewardFunctionsConfig:
+    # Programmatic rewards for the RL stages: "module.path:function" specs, each called once per rollout batch as
+    # fn(prompts, completions, rows) -> list[float]; the reward is their weighted sum (weights: None = all 1).
+    functions: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+
+
+@dataclass
 class PPOConfig:
     stage: Literal["ppo"] = "ppo"
     output_dir: str = "outputs/ppo"
@@ -238,6 +246,51 @@ class PPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
+    # With functions set, their reward is added to the RM's normalised score (ppo.reward_model may then be unset).
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class GRPOSection:
+    # Rollouts: prompts per rank per step, each sampled num_generations times (a group).
+    rollout_batch_size: int = 8
+    num_generations: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Advantage = reward - group mean, divided by the group's std, the batch's std, or nothing (Dr. GRPO).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # grpo: per-sequence token mean; dr_grpo: sum / (completions x max_new_tokens); dapo: token mean over the batch.
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    # Clipped ratio in [1 - clip_low, 1 + clip_high] (clip-higher: clip_high > clip_low, DAPO).
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # Updates per rollout, in minibatches of train.micro_batch_size completions, against the rollout's log-probs.
+    num_iterations: int = 1
+    # k3 KL to the reference (no reference model is loaded at 0; LoRA: the reference is the adapters switched off).
+    beta: float = 0.0
+    # Log a table of sample completions every N steps (0: never).
+    sample_every: int = 10
+
+
+@dataclass
+class GRPOConfig:
+    stage: Literal["grpo"] = "grpo"
+    output_dir: str = "outputs/grpo"
+    # model: the policy (an SFT output); data: prompt files ({"prompt"} or {"messages"}, plus whatever columns the
+    # reward functions read, e.g. "answer").
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -257,6 +310,7 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(SFTConfig, "distributed_pt.stages.sft", "configs/sft_tiny.yaml"),
     "rm": Stage(RMConfig, "distributed_pt.stages.rm", "configs/rm_tiny.yaml"),
     "ppo": Stage(PPOConfig, "distributed_pt.stages.ppo", "configs/ppo_tiny.yaml"),
+    "grpo": Stage(GRPOConfig, "distributed_pt.stages.grpo", "configs/grpo_tiny.yaml"),
 }
 
 

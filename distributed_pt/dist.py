@@ -93,6 +93,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of a tensor over ranks (a new tensor on t's device)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t.clone()
+    out = t.to(device(), copy=True) if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(t.device)
+
+
 def broadcast_object(obj):
     """Send a picklable object from rank 0 to every rank."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,7 +1,8 @@
 """The whole InstructGPT pipeline, SFT → preference pairs → reward model → PPO, each training stage through the
-`deepspeed` launcher.
+`deepspeed` launcher; or, with `--rl grpo`, SFT → GRPO with programmatic rewards (the demo tasks' checker).
 
     python -m distributed_pt.pipeline                      # the bundled tiny demo (2 CPU ranks without a GPU)
+    python -m distributed_pt.pipeline --rl grpo            # SFT → GRPO
     python -m distributed_pt.pipeline --nproc 8 --sft my_sft.yaml --rm my_rm.yaml --ppo my_ppo.yaml
 
 The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
@@ -32,6 +33,9 @@ ROWS = [
     ("rm", "eval/margin", "held-out reward margin"),
     ("ppo", "eval/score", "held-out RM score (normalised)"),
     ("ppo", "eval/exact_match", "held-out exact match"),
+    ("grpo", "eval/reward", "held-out reward (functions)"),
+    ("grpo", "eval/exact_match", "held-out exact match"),
+    *[("grpo", f"eval/exact_match/{t}", f"held-out exact match: {t}") for t in ("add", "count", "reverse", "sort")],
 ]
 
 
@@ -75,8 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft", default="configs/sft_tiny.yaml")
     parser.add_argument("--rm", default="configs/rm_tiny.yaml")
     parser.add_argument("--ppo", default="configs/ppo_tiny.yaml")
+    parser.add_argument("--grpo", default="configs/grpo_tiny.yaml")
+    parser.add_argument(
+        "--rl", choices=("ppo", "grpo"), default="ppo", help="ppo: SFT, pairs, RM, PPO; grpo: SFT, GRPO"
+    )
     parser.add_argument("--pairs-prompts", default="distributed_pt/assets/demo/prompts_train.jsonl")
-    parser.add_argument("--stages", default="sft,pairs,rm,ppo", help="comma-separated subset to run, in order")
+    parser.add_argument("--stages", help="comma-separated subset to run, in order (default: all of --rl's)")
     args = parser.parse_args(argv)
     import torch
 
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
 
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     results: dict[str, tuple[dict, float]] = {}
-    for stage in args.stages.split(","):
+    stages = args.stages or ("sft,pairs,rm,ppo" if args.rl == "ppo" else "sft,grpo")
+    for stage in stages.split(","):
         if stage == "pairs":
             sft_out = REPO / yaml.safe_load((REPO / args.sft).read_text())["output_dir"]
             sample_pairs([f"--model={sft_out / 'final'}", f"--prompts={REPO / args.pairs_prompts}",

@@ -26,16 +26,19 @@ def is_exact_match(response: str, reference: str | None) -> bool:
 def prompt_and_reference(row: dict[str, Any]) -> tuple[str | list[dict], str | None]:
     """(prompt, reference answer or None) of a prompt, SFT or chat row."""
     if "messages" in row:
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        return row["messages"][:last], row["messages"][last]["content"]
+        answers = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+        if not answers:  # a prompt-only conversation
+            return row["messages"], None
+        return row["messages"][: answers[-1]], row["messages"][answers[-1]]["content"]
     return row["prompt"], row.get("response", row.get("answer"))
 
 
-def load_prompts(tokenizer, data: DataConfig) -> tuple[list[list[int]], list[Row]]:
-    """Train prompts as token ids (kept to their last data.max_length tokens unless truncation=error) and the eval
-    rows (read as they are)."""
+def load_prompts(tokenizer, data: DataConfig) -> tuple[list[list[int]], list[Row], list[Row]]:
+    """Train prompts as token ids (kept to their last data.max_length tokens unless truncation=error), the train
+    rows they came from (reward functions read their columns) and the eval rows (read as they are)."""
     ids = []
-    for row in read_rows(data.train_files):
+    rows = read_rows(data.train_files)
+    for row in rows:
         prompt = row.data.get("messages", row.data.get("prompt"))
         if not isinstance(prompt, str | list):
             raise DataError(f"{row.where}: a prompt row needs 'prompt' (a string) or 'messages' (a list)")
@@ -49,4 +52,4 @@ def load_prompts(tokenizer, data: DataConfig) -> tuple[list[list[int]], list[Row
         ids.append(tokens)
     if not ids:
         raise DataError(f"no prompts in {', '.join(data.train_files) or '(data.train_files is empty)'}")
-    return ids, read_rows(data.eval_files) if data.eval_files else []
+    return ids, rows, read_rows(data.eval_files) if data.eval_files else []

@@ -110,10 +110,10 @@ class Run:
         checkpoint and exits with status 143.
         """
         self._evaluate = evaluate
-        before = evaluate() if self.state.step == 0 else {}
-        if before:
-            self.logger.log(before, step=0)
         try:
+            before = evaluate() if self.state.step == 0 else {}
+            if before:
+                self.logger.log(before, step=0)
             loop()
         except TrainingError as e:
             self._exit(e)
@@ -123,7 +123,11 @@ class Run:
         if should_stop(self.state):
             self.save()
             self._exit()
-        after = evaluate()
+        try:
+            after = evaluate()
+        except TrainingError as e:  # e.g. a reward function that fails on the final eval's completions
+            self.save()
+            self._exit(e)
         self.logger.log(after, step=self.state.step)
         self.save()
         return before, after

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distributed_pt.data.prompts import prompt_and_reference
 from distributed_pt.engine.generation import generate
 from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
 from distributed_pt.rl.kl import kl_estimate
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+from distributed_pt.rl.rewards import RewardFunctions
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -32,10 +34,11 @@ class RLModels:
 
     actor: DeepSpeedEngine
     critic: DeepSpeedEngine
-    reward: DeepSpeedEngine
+    reward: DeepSpeedEngine | None  # None: reward functions alone
     reference: DeepSpeedEngine | None
     fused: bool
     rm_stats: dict[str, float]
+    functions: RewardFunctions | None = None  # programmatic rewards added to the RM's score
 
 
 @dataclass
@@ -91,25 +94,81 @@ def repack(
     return seqs, attn, action_mask, ended
 
 
-def normalised_scores(raw: torch.Tensor, ended: torch.Tensor, stats: dict[str, float], ppo: Any) -> torch.Tensor:
-    """(raw - RM eval mean) / std, + no-EOS penalty, clipped to +-reward_clip."""
+def normalised_scores(
+    raw: torch.Tensor, ended: torch.Tensor, stats: dict[str, float], ppo: Any, extra: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(raw - RM eval mean) / std (+ `extra`, the reward functions' total), + no-EOS penalty, clipped to
+    +-reward_clip."""
     score = (raw.float() - stats["mean"]) / max(stats["std"], 1e-6)
+    if extra is not None:
+        score = score + extra.to(score.device)
     score = score + (~ended).float() * ppo.no_eos_penalty
     return score.clamp(-ppo.reward_clip, ppo.reward_clip)
 
 
+def score_samples(
+    models: RLModels, s: Samples, rows: list[dict], ppo: Any, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, raw RM output) of sampled completions: the RM's normalised score and/or the reward functions' total
+    (collective: every rank calls it), + no-EOS penalty, clipped."""
+    if models.reward is not None:
+        raw = sequence_rewards(models.reward, s.sequences, s.attention_mask)
+        stats = models.rm_stats
+    else:
+        raw, stats = torch.zeros(len(s.ended), device=s.sequences.device), {"mean": 0.0, "std": 1.0}
+    extra = None
+    if models.functions is not None:
+        prompts = [prompt_and_reference(r)[0] for r in rows]
+        extra = models.functions(prompts, s.completions, rows, step)[0]
+    return normalised_scores(raw, s.ended, stats, ppo, extra), raw
+
+
+@dataclass
+class Samples:
+    """Sampled completions, re-packed right-padded (see `repack`)."""
+
+    sequences: torch.Tensor  # (B, L) prompt + completion
+    attention_mask: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, L-1) 1 where the next token is a completion token
+    ended: torch.Tensor  # (B,) bool: the completion ended with EOS
+    completions: list[str]  # decoded completions (special tokens skipped)
+    gen_time: float  # seconds spent generating
+
+
 @torch.no_grad()
-def make_experience(
-    models: RLModels, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase, cfg: Any, kl_coef: float
-) -> tuple[Experience, dict[str, float]]:
-    """Generate from `prompts` (token ids) and score everything with `models`. Returns (Experience, timings)."""
-    ppo = cfg.ppo
+def sample(
+    actor: DeepSpeedEngine,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> Samples:
+    """Sample one completion per prompt (token ids; repeat a prompt for a group) with the KV cache, the actor
+    gathered once under ZeRO-3."""
     start = time.perf_counter()
-    out, prompt_mask = generate(
-        models.actor, prompts, tokenizer, ppo.max_new_tokens, sample=True, temperature=ppo.temperature, top_p=ppo.top_p
-    )
+    out, prompt_mask = generate(actor, prompts, tokenizer, max_new_tokens, True, temperature, top_p)
     gen_time = time.perf_counter() - start
     seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
+    return Samples(seqs, attn, action_mask, ended, texts, gen_time)
+
+
+@torch.no_grad()
+def make_experience(
+    models: RLModels,
+    prompts: list[list[int]],
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: Any,
+    kl_coef: float,
+    step: int,
+) -> tuple[Experience, dict[str, float]]:
+    """Generate from `prompts` (token ids; `rows`: their dataset rows, for reward functions) and score everything
+    with `models`. Returns (Experience, timings)."""
+    ppo = cfg.ppo
+    samples = sample(models.actor, prompts, tokenizer, ppo.max_new_tokens, ppo.temperature, ppo.top_p)
+    seqs, attn, action_mask, ended = samples.sequences, samples.attention_mask, samples.action_mask, samples.ended
 
     start = time.perf_counter()
     for engine in (models.actor, models.critic):
@@ -117,8 +176,7 @@ def make_experience(
     old_logprobs, _ = token_logprobs(models.actor, seqs, attn, ppo.temperature, models.fused)
     ref_logprobs = reference_logprobs(models.actor, models.reference, seqs, attn, ppo.temperature, models.fused)
     values = token_scores(models.critic, seqs, attn)[:, :-1] * action_mask
-    raw = sequence_rewards(models.reward, seqs, attn)
-    scores = normalised_scores(raw, ended, models.rm_stats, ppo)
+    scores, raw = score_samples(models, samples, rows, ppo, step)
 
     kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
     rewards = -kl_coef * kl
@@ -132,7 +190,7 @@ def make_experience(
     score_time = time.perf_counter() - start
     exp = Experience(seqs, attn, action_mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns,
                      scores, raw, ended)  # fmt: skip
-    return exp, {"gen_time": gen_time, "score_time": score_time}
+    return exp, {"gen_time": samples.gen_time, "score_time": score_time}
 
 
 def log_samples(exp: Experience, tokenizer: PreTrainedTokenizerBase, logger: Any, step: int, n: int = 4) -> None:

@@ -31,12 +31,13 @@ from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fi
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.masked import masked_mean
 from distributed_pt.losses.ppo import explained_variance, policy_loss, value_loss
-from distributed_pt.models.heads import Backbone, lm_loss, sequence_rewards, token_scores, use_fused_loss
+from distributed_pt.models.heads import Backbone, lm_loss, token_scores, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 from distributed_pt.rl.logprobs import token_logprobs
-from distributed_pt.rl.rollout import Experience, RLModels, log_samples, make_experience, normalised_scores, repack
+from distributed_pt.rl.rewards import load_reward_functions
+from distributed_pt.rl.rollout import Experience, RLModels, Samples, log_samples, make_experience, repack, score_samples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,7 +52,7 @@ def main(cfg: PPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     check_same_tokenizer(tokenizer, ppo.reward_model, "ppo.reward_model")
     check_same_tokenizer(tokenizer, ppo.critic_path, "ppo.critic_path")
-    train_prompts, eval_rows = load_prompts(tokenizer, cfg.data)
+    train_prompts, train_rows, eval_rows = load_prompts(tokenizer, cfg.data)
     dist.print0(f"prompts: {len(train_prompts)} train, {len(eval_rows)} eval")
     ptx_data = dataclasses.replace(cfg.data, train_files=ppo.ptx_files, eval_files=[])
     ptx_set = load_sft_data(tokenizer, ptx_data, 0, data_cache(cfg))[0] if ppo.ptx_coef > 0 else None
@@ -75,7 +76,7 @@ def main(cfg: PPOConfig) -> dict:
         kl_ctl.load_state_dict(run.client["kl_ctl"])
     ptx = ptx_batches(ptx_set, cfg, run.state.step, tokenizer.pad_token_id)
     before, after = run.train(
-        lambda: train(run, models, train_prompts, ptx, batches, tokenizer, kl_ctl),
+        lambda: train(run, models, train_prompts, train_rows, ptx, batches, tokenizer, kl_ctl),
         lambda: evaluate(models, eval_rows, tokenizer, cfg),
     )
     if cfg.checkpoint.export_hf:
@@ -88,6 +89,7 @@ def train(
     run: Run,
     models: RLModels,
     prompts: list[list[int]],
+    rows: list[Row],
     ptx: PtxBatches,
     batches: ShardedBatches,
     tokenizer: PreTrainedTokenizerBase,
@@ -97,7 +99,8 @@ def train(
     rollouts = batches.iterate(run.state.micro_step)
     while run.training():
         run.state.micro_step, indices = next(rollouts)
-        exp, timing = make_experience(models, [prompts[i] for i in indices], tokenizer, cfg, kl_ctl.value)
+        chosen = [prompts[i] for i in indices], [rows[i].data for i in indices]
+        exp, timing = make_experience(models, *chosen, tokenizer, cfg, kl_ctl.value, run.state.step + 1)
         start = time.perf_counter()
         stats = ppo_update(models, exp, cfg, run.state.step, ptx)
         metrics = rollout_metrics(exp, timing, time.perf_counter() - start, stats, kl_ctl, ppo.ppo_epochs)
@@ -116,8 +119,9 @@ def check_config(cfg: PPOConfig) -> None:
     """What the typed config cannot say: a reward model is set, the rollout splits into micro-batches, no negative
     warm-up."""
     ppo = cfg.ppo
-    if ppo.reward_model is None:
-        raise ConfigError("ppo.reward_model: set it to a reward model directory (the RM stage's final/)")
+    if ppo.reward_model is None and not cfg.reward.functions:
+        raise ConfigError("ppo.reward_model: set it to a reward model directory (the RM stage's final/), or set "
+                          "reward.functions")  # fmt: skip
     if ppo.rollout_batch_size % (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps):
         raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
     if ppo.critic_warmup_steps < 0:
@@ -232,8 +236,9 @@ def evaluate(models: RLModels, rows: list[Row], tokenizer: PreTrainedTokenizerBa
         prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in chunk]
         out, prompt_mask = generate(models.actor, prompts, tokenizer, cfg.eval.max_new_tokens, sample=False)
         seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        scores = normalised_scores(sequence_rewards(models.reward, seqs, attn), ended, models.rm_stats, cfg.ppo)
         texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
+        greedy = Samples(seqs, attn, action_mask, ended, texts, 0.0)
+        scores, _ = score_samples(models, greedy, [r.data for r in mine[i : i + mbs]], cfg.ppo, step=0)
         correct = sum(is_exact_match(t, ref) for t, (_, ref) in zip(texts, chunk, strict=True))
         with_answer = sum(ref is not None for _, ref in chunk)
         sums += torch.tensor(
@@ -259,16 +264,16 @@ def build_models(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase) -> RLModels
     rm_cfg = ModelConfig(
         path=ppo.reward_model, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation
     )
-    critic_cfg = dataclasses.replace(
-        rm_cfg, path=ppo.critic_path or ppo.reward_model, gradient_checkpointing=cfg.model.gradient_checkpointing
-    )
+    critic_cfg = dataclasses.replace(  # without an RM the critic starts from the actor's weights, a fresh head
+        rm_cfg, path=ppo.critic_path or ppo.reward_model or cfg.model.path,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )  # fmt: skip
     critic = load_reward_model(critic_cfg, tokenizer)
-    reward = load_reward_model(rm_cfg, tokenizer)
-    rm_stats = load_reward_stats(ppo.reward_model)
-    if rm_stats is None:
+    reward = load_reward_model(rm_cfg, tokenizer) if ppo.reward_model else None
+    rm_stats = (load_reward_stats(ppo.reward_model) if reward is not None else None) or {"mean": 0.0, "std": 1.0}
+    if reward is not None and load_reward_stats(ppo.reward_model) is None:
         dist.print0(f"warning: {ppo.reward_model} has no reward stats; RM scores are used unnormalised")
-        rm_stats = {"mean": 0.0, "std": 1.0}
-    if ppo.critic_path is None:
+    if ppo.critic_path is None and reward is not None:
         # The critic starts as the RM: rescale its head so values come out on the normalised score's scale, and its
         # first estimates are a sensible baseline rather than noise that swamps the advantages.
         with torch.no_grad():
@@ -276,6 +281,7 @@ def build_models(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase) -> RLModels
             if critic.score.bias is not None:
                 critic.score.bias.sub_(rm_stats["mean"]).div_(max(rm_stats["std"], 1e-6))
     ds_config, offload = stage_ds_config(cfg), ppo.offload_frozen
-    reward = frozen_engine(Backbone(reward), ds_config, offload)
+    reward = frozen_engine(Backbone(reward), ds_config, offload) if reward is not None else None
     reference = frozen_engine(Backbone(reference), ds_config, offload) if reference is not None else None
-    return RLModels(actor, critic, reward, reference, fused, rm_stats)  # actor, critic: engines once initialized
+    functions = load_reward_functions(cfg.reward.functions, cfg.reward.weights) if cfg.reward.functions else None
+    return RLModels(actor, critic, reward, reference, fused, rm_stats, functions)  # actor, critic: engines later

@@ -98,3 +98,14 @@ def test_check_config_names_the_key(override, message):
     ppo.check_config(load_config(CONFIG))  # the shipped config passes
     with pytest.raises(ConfigError, match=message):
         ppo.check_config(load_config(CONFIG, [override]))
+
+
+def test_reward_function_instead_of_a_reward_model(tmp_path, sft_zero2_run, rm_zero2_run):
+    """PPO with the demo checker as its only reward: no reward model is loaded; the critic starts from the actor."""
+    overrides = [o for o in _overrides(sft_zero2_run, rm_zero2_run, tmp_path) if not o.startswith("ppo.reward_model")]
+    overrides += ["ppo.reward_model=null", "reward.functions=[distributed_pt.rl.rewards:exact_answer]",
+                  "checkpoint.save_every=0", "deepspeed.config=configs/deepspeed/zero2.json"]  # fmt: skip
+    run_launcher(CONFIG, overrides)
+    steps = _steps(tmp_path)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert all(0.0 - 1.0 - 1e-6 <= steps[s]["score"] <= 1.0 + 1e-6 for s in steps)  # exact answer (+ no-EOS penalty)

@@ -1,0 +1,235 @@
+"""GRPO: an RL stage without a critic. Each prompt is sampled `grpo.num_generations` times; programmatic reward
+functions score the completions, and each completion's advantage is its reward against its group's.
+
+    deepspeed --num_gpus 8 --module distributed_pt.train configs/grpo_tiny.yaml [key.sub=value ...]
+
+Models: the policy (`model.path`, an SFT output; LoRA or full) on its DeepSpeed engine, and a frozen reference only
+when `grpo.beta` > 0 (with LoRA: the policy with its adapters switched off; else a frozen copy). Each step: a rollout
+of `grpo.rollout_batch_size` prompts per rank × G completions, rewards from `reward.functions`, group-relative
+advantages, then `grpo.num_iterations` passes of clipped-ratio updates in minibatches of `train.micro_batch_size`
+completions (with one pass the rollout's log-probs are the current ones: no extra forward). Outputs as for SFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from distributed_pt import dist
+from distributed_pt.config import ConfigError, GRPOConfig
+from distributed_pt.data.collate import ShardedBatches
+from distributed_pt.data.io import Row
+from distributed_pt.data.prompts import load_prompts, prompt_and_reference
+from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
+from distributed_pt.engine.generation import exact_match, greedy_answers
+from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
+from distributed_pt.engine.metrics import peak_memory_gib
+from distributed_pt.losses.grpo import group_advantages, grpo_loss
+from distributed_pt.losses.masked import masked_mean
+from distributed_pt.models.heads import Backbone, use_fused_loss
+from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
+from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
+from distributed_pt.rl.rollout import Samples, sample
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass
+class Policy:
+    """The engine that trains, its frozen reference (None: none needed, or the LoRA adapters switched off), and how
+    log-probs are computed."""
+
+    actor: DeepSpeedEngine
+    reference: DeepSpeedEngine | None
+    fused: bool
+
+
+def main(cfg: GRPOConfig) -> dict:
+    start(cfg)
+    check_config(cfg)
+    grpo = cfg.grpo
+    tokenizer = load_tokenizer(cfg.model)
+    prompts, rows, eval_rows = load_prompts(tokenizer, cfg.data)
+    dist.print0(f"prompts: {len(prompts)} train, {len(eval_rows)} eval; {grpo.num_generations} completions each")
+    rewards = load_reward_functions(cfg.reward.functions, cfg.reward.weights)
+
+    model = load_model(cfg.model, tokenizer)
+    make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing, name="policy")
+    fused = use_fused_loss(cfg.loss.fused, model)
+    reference = None
+    if grpo.beta > 0 and not cfg.lora.enabled:
+        frozen = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
+        reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=False)
+    dist.print0(f"reference: {reference_kind(cfg)}")
+
+    batches = ShardedBatches(len(prompts), grpo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    total_steps = cfg.train.total_steps(batches.per_epoch)
+    updates = grpo.num_iterations * grpo.rollout_batch_size * grpo.num_generations // cfg.train.micro_batch_size
+    actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps * updates)
+    policy = Policy(actor, reference, fused)
+
+    run = Run(cfg, actor, total_steps, fingerprint(tokenizer, cfg.data.train_files))
+    before, after = run.train(
+        lambda: train(run, policy, prompts, rows, batches, tokenizer, rewards),
+        lambda: evaluate(actor, eval_rows, tokenizer, cfg, rewards),
+    )
+    if cfg.checkpoint.export_hf:
+        export(actor, tokenizer, cfg, run.out / "final")
+    return run.finish(before, after)
+
+
+def train(
+    run: Run,
+    policy: Policy,
+    prompts: list[list[int]],
+    rows: list[Row],
+    batches: ShardedBatches,
+    tokenizer: PreTrainedTokenizerBase,
+    rewards: RewardFunctions,
+) -> None:
+    grpo, G = run.cfg.grpo, run.cfg.grpo.num_generations
+    rollouts = batches.iterate(run.state.micro_step)
+    while run.training():
+        run.state.micro_step, indices = next(rollouts)
+        group = [i for i in indices for _ in range(G)]  # each prompt G times, contiguous
+        samples = sample(policy.actor, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
+                         grpo.temperature, grpo.top_p)  # fmt: skip
+        texts = [prompt_and_reference(rows[i].data)[0] for i in group]
+        total, per_function = rewards(texts, samples.completions, [rows[i].data for i in group], run.state.step + 1)
+        total = total.to(samples.sequences.device)
+        advantages = group_advantages(total, G, grpo.scale_rewards, batch_std=global_std(total))
+        start = time.perf_counter()
+        stats = update(policy, samples, advantages, run.cfg, run.state.step)
+        train_time = time.perf_counter() - start
+        metrics = rollout_metrics(samples, total, per_function, G, grpo.max_new_tokens, stats, train_time)
+        if grpo.sample_every and (run.state.step + 1) % grpo.sample_every == 0:
+            table = [[texts[i], samples.completions[i], total[i].item()] for i in range(min(4, len(texts)))]
+            run.logger.log_table("samples", ["prompt", "completion", "reward"], table, step=run.state.step + 1)
+            dist.print0(f"sample @ {run.state.step + 1}: {table[0][0]!r} -> {table[0][1]!r} (reward {table[0][2]:.2f})")
+        run.end_step(metrics, postfix=("reward", "kl"))
+
+
+def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig, step: int) -> dict[str, float]:
+    """`num_iterations` passes over the rollout in shuffled minibatches of completions. With one pass the rollout's
+    log-probs are the current ones (detached); with more they are computed once before the first update."""
+    grpo, actor = cfg.grpo, policy.actor
+    seqs, attn, mask = s.sequences, s.attention_mask, s.action_mask
+    old = ref = None
+    with torch.no_grad():
+        if grpo.num_iterations > 1:
+            old = token_logprobs(actor, seqs, attn, grpo.temperature, policy.fused)[0]
+        if grpo.beta > 0:
+            ref = reference_logprobs(actor, policy.reference, seqs, attn, grpo.temperature, policy.fused)
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    totals: dict[str, float] = {}
+    n = 0
+    for _ in range(grpo.num_iterations):
+        for rows in torch.randperm(seqs.size(0), generator=g).split(cfg.train.micro_batch_size):
+            rows = rows.to(seqs.device)
+            width = int(attn[rows].sum(1).max())  # trim the minibatch to its longest sequence
+            logp, entropy = token_logprobs(actor, seqs[rows, :width], attn[rows, :width], grpo.temperature,
+                                           policy.fused)  # fmt: skip
+            m = mask[rows, : width - 1]
+            old_mb = logp.detach() if old is None else old[rows, : width - 1]
+            ref_mb = None if ref is None else ref[rows, : width - 1]
+            loss, stats = grpo_loss(logp, old_mb, advantages[rows], m, grpo.loss_type, grpo.clip_low, grpo.clip_high,
+                                    ref_mb, grpo.beta, grpo.max_new_tokens)  # fmt: skip
+            check_finite(loss, step + 1)
+            actor.backward(loss)
+            actor.step()
+            stats |= {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), m).item()}
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in totals.items()}
+
+
+def global_std(x: torch.Tensor) -> float:
+    """Std of `x` over every rank's values (one all-reduce)."""
+    total, sq, n = dist.all_reduce_sum(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()))])).tolist()
+    return max(sq / n - (total / n) ** 2, 0.0) ** 0.5
+
+
+def rollout_metrics(
+    s: Samples,
+    total: torch.Tensor,
+    per_function: dict[str, torch.Tensor],
+    G: int,
+    max_new_tokens: int,
+    stats: dict[str, float],
+    train_time: float,
+) -> dict[str, float]:
+    """Rewards (total and per function), group spread, completion lengths, EOS, speeds and the update's statistics,
+    averaged over ranks (max length: the largest over ranks)."""
+    lengths = s.action_mask.sum(1)
+    group_std = total.view(-1, G).std(1, unbiased=False)
+    local = {
+        "reward": total.mean().item(),
+        **{f"reward/{name}": v.float().mean().item() for name, v in per_function.items()},
+        "reward_group_std": group_std.mean().item(),
+        "zero_std_fraction": (group_std < 1e-6).float().mean().item(),
+        "completion_length": lengths.float().mean().item(),
+        "clipped_fraction": (~s.ended).float().mean().item(),  # hit max_new_tokens without EOS
+        "eos_fraction": s.ended.float().mean().item(),
+        "gen_tokens_per_s": lengths.sum().item() / max(s.gen_time, 1e-9),
+        "train_tokens_per_s": s.attention_mask.sum().item() / max(train_time, 1e-9),
+        "gen_time": s.gen_time,
+        "train_time": train_time,
+        **stats,
+    }
+    names = sorted(local)
+    reduced = dist.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64)) / dist.world_size()
+    metrics = dict(zip(names, reduced.tolist(), strict=True))
+    metrics["completion_length_max"] = dist.all_reduce_max(lengths.max().float().reshape(1)).item()
+    metrics["peak_mem_gib"] = peak_memory_gib()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    actor: DeepSpeedEngine,
+    rows: list[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: GRPOConfig,
+    rewards: RewardFunctions,
+) -> dict[str, float]:
+    """Greedy completions of the held-out prompts: exact match (overall and per `task` column) and mean reward."""
+    if not rows or cfg.eval.num_generate <= 0:
+        return {}
+    rows = rows[: cfg.eval.num_generate]
+    answers = greedy_answers(actor, rows, tokenizer, cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
+    metrics = {"eval/exact_match": exact_match(answers)}
+    prompts = [prompt_and_reference(r)[0] for r, _ in answers]
+    total, _ = rewards(prompts, [t for _, t in answers], [r for r, _ in answers], 0)
+    metrics["eval/reward"] = dist.all_reduce_sum(total.sum().reshape(1)).item() / max(
+        len(answers) * dist.world_size(), 1
+    )
+    for task in sorted({r.data.get("task") for r in rows} - {None}):
+        metrics[f"eval/exact_match/{task}"] = exact_match([(r, t) for r, t in answers if r.get("task") == task])
+    return metrics
+
+
+def reference_kind(cfg: GRPOConfig) -> str:
+    if cfg.grpo.beta <= 0:
+        return "none (grpo.beta = 0: no KL term, no reference model loaded)"
+    return "the policy with LoRA adapters off" if cfg.lora.enabled else "a frozen copy"
+
+
+def check_config(cfg: GRPOConfig) -> None:
+    """What the typed config cannot say: reward functions are set, groups have at least 2 completions, the rollout
+    splits into micro batches."""
+    grpo = cfg.grpo
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions: GRPO needs at least one reward function (module.path:function)")
+    if grpo.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations must be >= 2 (a group), got {grpo.num_generations}")
+    if (grpo.rollout_batch_size * grpo.num_generations) % cfg.train.micro_batch_size:
+        raise ConfigError("grpo.rollout_batch_size x grpo.num_generations must be a multiple of train.micro_batch_size")
+    if cfg.train.gradient_accumulation_steps != 1:
+        raise ConfigError("train.gradient_accumulation_steps: GRPO steps once per minibatch; set it to 1")
