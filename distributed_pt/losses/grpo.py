@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from distributed_pt.losses.kl import kl_estimate
 from distributed_pt.losses.masked import masked_mean
 
 
@@ -71,7 +72,7 @@ def grpo_loss(
     """Clipped policy objective with separate lower/upper bounds (DAPO clip-higher) and an optional k3 KL penalty.
 
     Per token: -min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A) + beta * kl, with r = exp(logp - old) and
-    kl = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0; the same as `rl.kl.kl_estimate(..., "k3")`). Aggregation:
+    kl = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0; `losses.kl.kl_estimate(..., "k3")`). Aggregation:
 
     - "grpo": each sequence's token mean, then the mean over all B rows (an empty row adds 0 but counts in B, as TRL).
     - "dr_grpo": sum over tokens / (B * max_completion_length), a constant normaliser (Dr. GRPO).
@@ -121,8 +122,7 @@ def grpo_loss(
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
     kl = None
     if ref_logprobs is not None:
-        delta = torch.where(keep, ref_logprobs.float() - logprobs, 0.0)
-        kl = torch.expm1(delta) - delta  # exp(d) - d - 1, accurate near 0
+        kl = kl_estimate(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs.float(), 0.0), "k3")
         if beta > 0:
             per_token = per_token + beta * kl
 

@@ -15,9 +15,9 @@ import torch
 
 from distributed_pt.data.prompts import prompt_and_reference
 from distributed_pt.engine.generation import generate
+from distributed_pt.losses.kl import kl_estimate
 from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
-from distributed_pt.rl.kl import kl_estimate
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 from distributed_pt.rl.rewards import RewardFunctions
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distributed_pt.losses.grpo import group_advantages, grpo_loss
-from distributed_pt.rl.kl import kl_estimate
+from distributed_pt.losses.kl import kl_estimate
 
 EPS = 1e-4
 # Two prompts, G = 3: group 1 = [0, 0, 3] (mean 1, deviations -1, -1, 2, unbiased var (1 + 1 + 4) / 2 = 3),
@@ -132,7 +132,7 @@ def test_k3_kl_term_hand_computed():
     logp = torch.zeros(1, 3)
     ref = torch.tensor([[math.log(2.0), 0.0, math.log(0.5)]])
     kls = [1 - math.log(2), 0.0, math.log(2) - 0.5]
-    assert kl_estimate(logp, ref, "k3")[0].tolist() == pytest.approx(kls, rel=1e-6)  # same estimator as rl/kl.py
+    assert kl_estimate(logp, ref, "k3")[0].tolist() == pytest.approx(kls, rel=1e-6)  # the shared estimator
     mask, adv = torch.ones(1, 3), torch.zeros(1)
     loss, stats = grpo_loss(logp, logp, adv, mask, "grpo", 0.2, 0.2, ref_logprobs=ref, beta=0.1)
     assert loss.item() == pytest.approx(0.1 * sum(kls) / 3, rel=1e-6)

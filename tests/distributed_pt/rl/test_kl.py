@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from distributed_pt.losses.kl import kl_estimate
+from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 
 
 def test_k1_and_k3_hand_computed():
