@@ -103,11 +103,12 @@ def train(
         texts = [prompt_and_reference(rows[i].data)[0] for i in group]
         total, per_function = rewards(texts, samples.completions, [rows[i].data for i in group], run.state.step + 1)
         total = total.to(samples.sequences.device)
-        advantages = group_advantages(total, G, grpo.scale_rewards, batch_std=global_std(total))
+        batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
+        advantages = group_advantages(total, G, grpo.scale_rewards, batch_std=batch_std)
         start = time.perf_counter()
         stats = update(policy, samples, advantages, run.cfg, run.state.step)
         train_time = time.perf_counter() - start
-        metrics = rollout_metrics(samples, total, per_function, G, grpo.max_new_tokens, stats, train_time)
+        metrics = rollout_metrics(samples, total, per_function, G, stats, train_time)
         if grpo.sample_every and (run.state.step + 1) % grpo.sample_every == 0:
             table = [[texts[i], samples.completions[i], total[i].item()] for i in range(min(4, len(texts)))]
             run.logger.log_table("samples", ["prompt", "completion", "reward"], table, step=run.state.step + 1)
@@ -151,9 +152,10 @@ def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig
 
 
 def global_std(x: torch.Tensor) -> float:
-    """Std of `x` over every rank's values (one all-reduce)."""
-    total, sq, n = dist.all_reduce_sum(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()))])).tolist()
-    return max(sq / n - (total / n) ** 2, 0.0) ** 0.5
+    """Unbiased std of `x` over every rank's values (one all-reduce), as `group_advantages` computes its own."""
+    sums = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).double().cpu()
+    total, sq, n = dist.all_reduce_sum(sums).tolist()
+    return max((sq - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
 
 
 def rollout_metrics(
@@ -161,7 +163,6 @@ def rollout_metrics(
     total: torch.Tensor,
     per_function: dict[str, torch.Tensor],
     G: int,
-    max_new_tokens: int,
     stats: dict[str, float],
     train_time: float,
 ) -> dict[str, float]:

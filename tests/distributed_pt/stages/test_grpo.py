@@ -91,3 +91,12 @@ def test_check_config_names_the_key(override, message):
     grpo.check_config(load_config(CONFIG))  # the shipped config passes
     with pytest.raises(ConfigError, match=message):
         grpo.check_config(load_config(CONFIG, [override]))
+
+
+def test_global_std_is_the_unbiased_std_of_the_batch():
+    import torch
+
+    from distributed_pt.stages.grpo import global_std
+
+    x = torch.tensor([0.0, 1.0, 3.0, 4.0])
+    assert global_std(x) == pytest.approx(x.std().item())  # one process: the batch is this rank's values
