@@ -256,6 +256,8 @@ class PPOConfig:
 
 @dataclass
 class GRPOSection:
+    # A reward model (an RM stage's final/), alone or added (normalised by its reward_stats.json) to reward.functions.
+    reward_model: str | None = None
     # Rollouts: prompts per rank per step, each sampled num_generations times (a group).
     rollout_batch_size: int = 8
     num_generations: int = 8

@@ -106,21 +106,41 @@ def normalised_scores(
     return score.clamp(-ppo.reward_clip, ppo.reward_clip)
 
 
+def rollout_rewards(
+    reward: DeepSpeedEngine | None,
+    rm_stats: dict[str, float],
+    functions: RewardFunctions | None,
+    s: Samples,
+    rows: list[dict],
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """What the rewards of sampled completions are made of (collective: every rank calls it): the reward model's
+    raw score at the last token (zeros without one) and its stats, the functions' weighted total (None without
+    functions) and each source's values {"reward_model" (normalised), function name: ...}.
+
+    Returns (raw RM score (B,), functions' total (B,) or None, per-source values); see `normalised_scores`.
+    """
+    per: dict[str, torch.Tensor] = {}
+    raw = torch.zeros(len(s.ended), device=s.sequences.device)
+    if reward is not None:
+        raw = sequence_rewards(reward, s.sequences, s.attention_mask)
+        per["reward_model"] = (raw.float() - rm_stats["mean"]) / max(rm_stats["std"], 1e-6)
+    total = None
+    if functions is not None:
+        prompts = [prompt_and_reference(r)[0] for r in rows]
+        total, per_function = functions(prompts, s.completions, rows, step)
+        per |= per_function
+    return raw, total, per
+
+
 def score_samples(
     models: RLModels, s: Samples, rows: list[dict], ppo: Any, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, raw RM output) of sampled completions: the RM's normalised score and/or the reward functions' total
-    (collective: every rank calls it), + no-EOS penalty, clipped."""
-    if models.reward is not None:
-        raw = sequence_rewards(models.reward, s.sequences, s.attention_mask)
-        stats = models.rm_stats
-    else:
-        raw, stats = torch.zeros(len(s.ended), device=s.sequences.device), {"mean": 0.0, "std": 1.0}
-    extra = None
-    if models.functions is not None:
-        prompts = [prompt_and_reference(r)[0] for r in rows]
-        extra = models.functions(prompts, s.completions, rows, step)[0]
-    return normalised_scores(raw, s.ended, stats, ppo, extra), raw
+    """PPO's (score, raw RM output): the RM's normalised score and/or the reward functions' total, + no-EOS penalty,
+    clipped (collective)."""
+    raw, functions_total, _ = rollout_rewards(models.reward, models.rm_stats, models.functions, s, rows, step)
+    stats = models.rm_stats if models.reward is not None else {"mean": 0.0, "std": 1.0}
+    return normalised_scores(raw, s.ended, stats, ppo, functions_total), raw
 
 
 @dataclass

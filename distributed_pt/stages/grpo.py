@@ -19,21 +19,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from distributed_pt import dist
-from distributed_pt.config import ConfigError, GRPOConfig
+from distributed_pt.config import ConfigError, GRPOConfig, ModelConfig
 from distributed_pt.data.collate import ShardedBatches
 from distributed_pt.data.io import Row
-from distributed_pt.data.prompts import load_prompts, prompt_and_reference
+from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
+from distributed_pt.data.sft import encode_prompt
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
-from distributed_pt.engine.generation import exact_match, greedy_answers
+from distributed_pt.engine.generation import generate
 from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.grpo import group_advantages, grpo_loss
 from distributed_pt.losses.masked import masked_mean
 from distributed_pt.models.heads import Backbone, use_fused_loss
-from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
+from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
+from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
-from distributed_pt.rl.rollout import Samples, sample
+from distributed_pt.rl.rollout import Samples, repack, rollout_rewards, sample
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -42,12 +44,25 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class Policy:
-    """The engine that trains, its frozen reference (None: none needed, or the LoRA adapters switched off), and how
-    log-probs are computed."""
+    """The engine that trains, its frozen reference (None: none needed, or the LoRA adapters switched off), how
+    log-probs are computed, and what scores completions (a frozen reward model and/or reward functions)."""
 
     actor: DeepSpeedEngine
     reference: DeepSpeedEngine | None
     fused: bool
+    reward: DeepSpeedEngine | None
+    rm_stats: dict[str, float]
+    functions: RewardFunctions | None
+
+    def rewards(self, s: Samples, rows: list[dict], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total reward (B,): the RM's normalised score plus the functions' total; and each source's values."""
+        _, functions_total, per = rollout_rewards(self.reward, self.rm_stats, self.functions, s, rows, step)
+        total = torch.zeros(len(s.ended), device=s.sequences.device)
+        if "reward_model" in per:
+            total = total + per["reward_model"]
+        if functions_total is not None:
+            total = total + functions_total.to(total.device)
+        return total, per
 
 
 def main(cfg: GRPOConfig) -> dict:
@@ -57,7 +72,7 @@ def main(cfg: GRPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     prompts, rows, eval_rows = load_prompts(tokenizer, cfg.data)
     dist.print0(f"prompts: {len(prompts)} train, {len(eval_rows)} eval; {grpo.num_generations} completions each")
-    rewards = load_reward_functions(cfg.reward.functions, cfg.reward.weights)
+    functions = load_reward_functions(cfg.reward.functions, cfg.reward.weights) if cfg.reward.functions else None
 
     model = load_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing, name="policy")
@@ -67,17 +82,26 @@ def main(cfg: GRPOConfig) -> dict:
         frozen = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
         reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=False)
     dist.print0(f"reference: {reference_kind(cfg)}")
+    reward, rm_stats = None, {"mean": 0.0, "std": 1.0}
+    if grpo.reward_model is not None:
+        check_same_tokenizer(tokenizer, grpo.reward_model, "grpo.reward_model")
+        attn = cfg.model.attn_implementation
+        rm = load_reward_model(
+            ModelConfig(path=grpo.reward_model, dtype=cfg.model.dtype, attn_implementation=attn), tokenizer
+        )
+        reward = frozen_engine(Backbone(rm), stage_ds_config(cfg), offload=False)
+        rm_stats = load_reward_stats(grpo.reward_model) or rm_stats
 
     batches = ShardedBatches(len(prompts), grpo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch)
     updates = grpo.num_iterations * grpo.rollout_batch_size * grpo.num_generations // cfg.train.micro_batch_size
     actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps * updates)
-    policy = Policy(actor, reference, fused)
+    policy = Policy(actor, reference, fused, reward, rm_stats, functions)
 
     run = Run(cfg, actor, total_steps, fingerprint(tokenizer, cfg.data.train_files))
     before, after = run.train(
-        lambda: train(run, policy, prompts, rows, batches, tokenizer, rewards),
-        lambda: evaluate(actor, eval_rows, tokenizer, cfg, rewards),
+        lambda: train(run, policy, prompts, rows, batches, tokenizer),
+        lambda: evaluate(policy, eval_rows, tokenizer, cfg),
     )
     if cfg.checkpoint.export_hf:
         export(actor, tokenizer, cfg, run.out / "final")
@@ -91,7 +115,6 @@ def train(
     rows: list[Row],
     batches: ShardedBatches,
     tokenizer: PreTrainedTokenizerBase,
-    rewards: RewardFunctions,
 ) -> None:
     grpo, G = run.cfg.grpo, run.cfg.grpo.num_generations
     rollouts = batches.iterate(run.state.micro_step)
@@ -101,8 +124,7 @@ def train(
         samples = sample(policy.actor, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
                          grpo.temperature, grpo.top_p)  # fmt: skip
         texts = [prompt_and_reference(rows[i].data)[0] for i in group]
-        total, per_function = rewards(texts, samples.completions, [rows[i].data for i in group], run.state.step + 1)
-        total = total.to(samples.sequences.device)
+        total, per_function = policy.rewards(samples, [rows[i].data for i in group], run.state.step + 1)
         batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
         advantages = group_advantages(total, G, grpo.scale_rewards, batch_std=batch_std)
         start = time.perf_counter()
@@ -193,26 +215,36 @@ def rollout_metrics(
 
 
 @torch.no_grad()
-def evaluate(
-    actor: DeepSpeedEngine,
-    rows: list[Row],
-    tokenizer: PreTrainedTokenizerBase,
-    cfg: GRPOConfig,
-    rewards: RewardFunctions,
-) -> dict[str, float]:
-    """Greedy completions of the held-out prompts: exact match (overall and per `task` column) and mean reward."""
+def evaluate(policy: Policy, rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: GRPOConfig) -> dict[str, float]:
+    """Greedy completions of the held-out prompts: mean reward, and exact match (overall and per `task` column) over
+    the rows with a reference answer. Equal shares per rank so ZeRO-3 gathers stay in step."""
     if not rows or cfg.eval.num_generate <= 0:
         return {}
-    rows = rows[: cfg.eval.num_generate]
-    answers = greedy_answers(actor, rows, tokenizer, cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
-    metrics = {"eval/exact_match": exact_match(answers)}
-    prompts = [prompt_and_reference(r)[0] for r, _ in answers]
-    total, _ = rewards(prompts, [t for _, t in answers], [r for r, _ in answers], 0)
-    metrics["eval/reward"] = dist.all_reduce_sum(total.sum().reshape(1)).item() / max(
-        len(answers) * dist.world_size(), 1
-    )
-    for task in sorted({r.data.get("task") for r in rows} - {None}):
-        metrics[f"eval/exact_match/{task}"] = exact_match([(r, t) for r, t in answers if r.get("task") == task])
+    mine = dist.equal_share(rows[: cfg.eval.num_generate])
+    tasks = sorted({r.data.get("task") for r in rows[: cfg.eval.num_generate]} - {None})
+    sums = torch.zeros(3 + 2 * len(tasks), dtype=torch.float64)  # reward, correct, with answer, per task: both
+    for i in range(0, len(mine), cfg.train.micro_batch_size):
+        chunk = [r.data for r in mine[i : i + cfg.train.micro_batch_size]]
+        prompts = [encode_prompt(tokenizer, prompt_and_reference(r)[0]) for r in chunk]
+        out, prompt_mask = generate(policy.actor, prompts, tokenizer, cfg.eval.max_new_tokens, sample=False)
+        texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
+        greedy = Samples(*repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id), texts, 0.0)
+        total, _ = policy.rewards(greedy, chunk, step=0)
+        sums[0] += total.sum().item()
+        for row, text in zip(chunk, texts, strict=True):
+            ref = prompt_and_reference(row)[1]
+            hit, counted = float(is_exact_match(text, ref)), float(ref is not None)
+            sums[1:3] += torch.tensor([hit, counted], dtype=torch.float64)
+            if row.get("task") in tasks:
+                k = 3 + 2 * tasks.index(row["task"])
+                sums[k : k + 2] += torch.tensor([hit, counted], dtype=torch.float64)
+    totals = dist.all_reduce_sum(sums).tolist()
+    metrics = {"eval/reward": totals[0] / max(len(mine) * dist.world_size(), 1)}
+    for name, (hit, counted) in [("", totals[1:3])] + [
+        (f"/{t}", totals[3 + 2 * k : 5 + 2 * k]) for k, t in enumerate(tasks)
+    ]:
+        if counted:
+            metrics[f"eval/exact_match{name}"] = hit / counted
     return metrics
 
 
@@ -226,8 +258,8 @@ def check_config(cfg: GRPOConfig) -> None:
     """What the typed config cannot say: reward functions are set, groups have at least 2 completions, the rollout
     splits into micro batches."""
     grpo = cfg.grpo
-    if not cfg.reward.functions:
-        raise ConfigError("reward.functions: GRPO needs at least one reward function (module.path:function)")
+    if not cfg.reward.functions and grpo.reward_model is None:
+        raise ConfigError("reward.functions: GRPO needs reward functions (module.path:function) or grpo.reward_model")
     if grpo.num_generations < 2:
         raise ConfigError(f"grpo.num_generations must be >= 2 (a group), got {grpo.num_generations}")
     if (grpo.rollout_batch_size * grpo.num_generations) % cfg.train.micro_batch_size:

@@ -76,10 +76,22 @@ def test_zero3_with_lora_and_kl_to_adapters_off(tmp_path, sft_zero2_run, zero3_p
     assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_reward_model_alone(tmp_path, sft_zero2_run, rm_zero2_run):
+    """GRPO scored by the RM stage's model (normalised by its reward stats) instead of functions."""
+    overrides = _overrides(
+        sft_zero2_run, tmp_path, f"grpo.reward_model={rm_zero2_run / 'final'}", "reward.functions=[]",
+        "checkpoint.save_every=0", "deepspeed.config=configs/deepspeed/zero2.json",
+    )  # fmt: skip
+    run_launcher(CONFIG, overrides)
+    steps = _steps(tmp_path)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert all(m["reward"] == pytest.approx(m["reward/reward_model"], abs=1e-5) for m in steps.values())
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("reward.functions=[]", "reward.functions: GRPO needs"),
+        ("reward.functions=[]", "reward.functions: GRPO needs reward functions"),
         ("grpo.num_generations=1", "grpo.num_generations must be >= 2"),
         ("grpo.rollout_batch_size=3", "must be a multiple of train.micro_batch_size"),
     ],
