@@ -33,7 +33,7 @@ ROWS = [
     ("rm", "eval/margin", "held-out reward margin"),
     ("ppo", "eval/score", "held-out RM score (normalised)"),
     ("ppo", "eval/exact_match", "held-out exact match"),
-    ("grpo", "eval/reward", "held-out reward (functions)"),
+    ("grpo", "eval/reward", "held-out reward"),
     ("grpo", "eval/exact_match", "held-out exact match"),
     *[("grpo", f"eval/exact_match/{t}", f"held-out exact match: {t}") for t in ("add", "count", "reverse", "sort")],
 ]
