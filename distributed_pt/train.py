@@ -23,8 +23,28 @@ def _offline_defaults() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _epilog() -> str:
+    """The stages (from the one registry), each with its config sections and a bundled example."""
+    import dataclasses
+
+    from distributed_pt.config import STAGES
+
+    lines = ["stages (a config's `stage:` key), their config sections and an example:"]
+    for name, stage in STAGES.items():
+        sections = [f.name for f in dataclasses.fields(stage.config) if f.name not in ("stage", "output_dir")]
+        lines.append(f"  {name:5s} {', '.join(sections)}")
+        lines.append(f"        deepspeed --num_gpus 8 --module distributed_pt.train {stage.example} [key=value ...]")
+    lines.append("Every key and its meaning: README.md (Running a stage); types, defaults: distributed_pt/config.py.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distributed_pt.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="distributed_pt.train",
+        description=__doc__.splitlines()[0],
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="stage config YAML (configs/sft_*.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 lora.enabled=true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by `deepspeed`

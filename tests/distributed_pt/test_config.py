@@ -294,3 +294,15 @@ def test_to_dict_is_plain_data(base):
     assert d["optim"]["lr"] == 2e-3
     assert d["model"]["init_config"]["model_type"] == "llama"
     assert set(d) == {f.name for f in dataclasses.fields(SFTConfig)}
+
+
+def test_help_lists_every_stage_with_an_example():
+    import subprocess
+    import sys
+
+    from distributed_pt.config import STAGES
+
+    out = subprocess.run([sys.executable, "-m", "distributed_pt.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name, stage in STAGES.items():
+        assert f"  {name} " in out.stdout and stage.example in out.stdout
