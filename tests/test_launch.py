@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_SFT, env, free_port, train_losses
+from tests.conftest import ROOT, SFT_CONFIG, TINY_SFT, env, free_port, run_launcher, train_losses
 
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch"]
@@ -190,3 +190,14 @@ def test_slurm_time_limit_signal_stops_ranks_and_requeues(tmp_path):
     for node in (0, 1):
         assert (tmp_path / f"deepspeed-{node}").read_text().splitlines()[-1] == "TERM", output
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+
+
+def test_a_finished_run_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce buffers (64 MiB per rank in /dev/shm) are removed when a run ends."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    overrides = [*TINY_SFT, f"output_dir={tmp_path}", "train.max_steps=2", "eval.num_generate=0"]
+    run_launcher(SFT_CONFIG, overrides)
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before
