@@ -97,19 +97,19 @@ def device() -> torch.device:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (returns a new tensor on t's device; works for gloo and NCCL, which reduces only CUDA
     tensors: a CPU tensor goes through this rank's GPU)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return t.clone()
-    out = t.to(device(), copy=True) if dist.get_backend() == "nccl" else t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """The element-wise maximum of a tensor over ranks (a new tensor on t's device)."""
+    """The element-wise maximum of a tensor over ranks (a new tensor on t's device), as `all_reduce_sum`."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return t.clone()
     out = t.to(device(), copy=True) if dist.get_backend() == "nccl" else t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    dist.all_reduce(out, op=op)
     return out.to(t.device)
 
 

@@ -161,13 +161,14 @@ def sample(
     prompts: list[list[int]],
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
 ) -> Samples:
-    """Sample one completion per prompt (token ids; repeat a prompt for a group) with the KV cache, the actor
-    gathered once under ZeRO-3."""
+    """Sample (or, `greedy`, decode greedily) one completion per prompt (token ids; repeat a prompt for a group)
+    with the KV cache, the actor gathered once under ZeRO-3."""
     start = time.perf_counter()
-    out, prompt_mask = generate(actor, prompts, tokenizer, max_new_tokens, True, temperature, top_p)
+    out, prompt_mask = generate(actor, prompts, tokenizer, max_new_tokens, not greedy, temperature, top_p)
     gen_time = time.perf_counter() - start
     seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)

@@ -25,7 +25,6 @@ from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
-from distributed_pt.engine.generation import generate
 from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.grpo import group_advantages, grpo_loss
@@ -35,7 +34,7 @@ from distributed_pt.models.loading import check_same_tokenizer, load_model, load
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
-from distributed_pt.rl.rollout import Samples, repack, rollout_rewards, sample
+from distributed_pt.rl.rollout import Samples, rollout_rewards, sample
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -226,12 +225,10 @@ def evaluate(policy: Policy, rows: list[Row], tokenizer: PreTrainedTokenizerBase
     for i in range(0, len(mine), cfg.train.micro_batch_size):
         chunk = [r.data for r in mine[i : i + cfg.train.micro_batch_size]]
         prompts = [encode_prompt(tokenizer, prompt_and_reference(r)[0]) for r in chunk]
-        out, prompt_mask = generate(policy.actor, prompts, tokenizer, cfg.eval.max_new_tokens, sample=False)
-        texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
-        greedy = Samples(*repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id), texts, 0.0)
+        greedy = sample(policy.actor, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
         total, _ = policy.rewards(greedy, chunk, step=0)
         sums[0] += total.sum().item()
-        for row, text in zip(chunk, texts, strict=True):
+        for row, text in zip(chunk, greedy.completions, strict=True):
             ref = prompt_and_reference(row)[1]
             hit, counted = float(is_exact_match(text, ref)), float(ref is not None)
             sums[1:3] += torch.tensor([hit, counted], dtype=torch.float64)

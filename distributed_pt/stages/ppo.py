@@ -26,7 +26,6 @@ from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt, load_sft_data
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
-from distributed_pt.engine.generation import generate
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.masked import masked_mean
@@ -37,7 +36,7 @@ from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 from distributed_pt.rl.logprobs import token_logprobs
 from distributed_pt.rl.rewards import load_reward_functions
-from distributed_pt.rl.rollout import Experience, RLModels, Samples, log_samples, make_experience, repack, score_samples
+from distributed_pt.rl.rollout import Experience, RLModels, log_samples, make_experience, sample, score_samples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -234,16 +233,12 @@ def evaluate(models: RLModels, rows: list[Row], tokenizer: PreTrainedTokenizerBa
     for i in range(0, len(mine), mbs):
         chunk = [prompt_and_reference(r.data) for r in mine[i : i + mbs]]
         prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in chunk]
-        out, prompt_mask = generate(models.actor, prompts, tokenizer, cfg.eval.max_new_tokens, sample=False)
-        seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
-        greedy = Samples(seqs, attn, action_mask, ended, texts, 0.0)
+        greedy = sample(models.actor, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
         scores, _ = score_samples(models, greedy, [r.data for r in mine[i : i + mbs]], cfg.ppo, step=0)
-        correct = sum(is_exact_match(t, ref) for t, (_, ref) in zip(texts, chunk, strict=True))
+        correct = sum(is_exact_match(t, ref) for t, (_, ref) in zip(greedy.completions, chunk, strict=True))
         with_answer = sum(ref is not None for _, ref in chunk)
-        sums += torch.tensor(
-            [scores.sum().item(), correct, with_answer, action_mask.sum().item(), len(chunk)], dtype=torch.float64
-        )
+        length = greedy.action_mask.sum().item()
+        sums += torch.tensor([scores.sum().item(), correct, with_answer, length, len(chunk)], dtype=torch.float64)
     score, correct, with_answer, length, n = dist.all_reduce_sum(sums).tolist()
     metrics = {"eval/score": score / max(n, 1), "eval/response_length": length / max(n, 1)}
     if with_answer:
