@@ -299,6 +299,44 @@ class GRPOConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+@dataclass
+class DPOSection:
+    # sigmoid: DPO; ipo; hinge: SLiC; simpo: reference-free, length-normalised log-probs with target margin gamma.
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    beta: float = 0.1
+    # Conservative DPO: the assumed fraction of flipped labels (sigmoid and simpo).
+    label_smoothing: float = 0.0
+    gamma: float = 0.0
+    # RPO: + sft_coef x the chosen response's per-token NLL.
+    sft_coef: float = 0.0
+    # The reference is the starting model: a frozen copy (ZeRO-3 with its parameters on CPU when offload_reference),
+    # the same model with its LoRA adapters off, or (precompute_reference) log-probs computed in one pass before
+    # training, cached beside the data, so that no reference model is in memory while training.
+    precompute_reference: bool = False
+    offload_reference: bool = False
+    # Held-out prompt rows with an "answer" ({"prompt"} or {"messages"}): greedy exact match at each eval
+    # (eval.num_generate rows).
+    eval_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DPOConfig:
+    stage: Literal["dpo"] = "dpo"
+    output_dir: str = "outputs/dpo"
+    # model: the policy's start (an SFT output); data: preference pairs as for the RM stage.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
 @dataclass(frozen=True)
 class Stage:
     config: type  # the stage's config dataclass
@@ -313,6 +351,7 @@ STAGES: dict[str, Stage] = {
     "rm": Stage(RMConfig, "distributed_pt.stages.rm", "configs/rm_tiny.yaml"),
     "ppo": Stage(PPOConfig, "distributed_pt.stages.ppo", "configs/ppo_tiny.yaml"),
     "grpo": Stage(GRPOConfig, "distributed_pt.stages.grpo", "configs/grpo_tiny.yaml"),
+    "dpo": Stage(DPOConfig, "distributed_pt.stages.dpo", "configs/dpo_tiny.yaml"),
 }
 
 

@@ -1,14 +1,16 @@
 """The whole InstructGPT pipeline, SFT → preference pairs → reward model → PPO, each training stage through the
-`deepspeed` launcher; or, with `--rl grpo`, SFT → GRPO with programmatic rewards (the demo tasks' checker).
+`deepspeed` launcher; or, with `--rl grpo`, SFT → GRPO with programmatic rewards (the demo tasks' checker); or, with
+`--rl dpo`, SFT → preference pairs → DPO (no reward model, no rollouts).
 
     python -m distributed_pt.pipeline                      # the bundled tiny demo (2 CPU ranks without a GPU)
     python -m distributed_pt.pipeline --rl grpo            # SFT → GRPO
+    python -m distributed_pt.pipeline --rl dpo             # SFT → pairs → DPO
     python -m distributed_pt.pipeline --nproc 8 --sft my_sft.yaml --rm my_rm.yaml --ppo my_ppo.yaml
 
 The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
 samples the SFT model on the training prompts and labels its answers with the demo's checker
 (`distributed_pt.data.sample_pairs`), standing in for InstructGPT's human comparisons of model outputs; the RM
-config trains on those pairs beside the bundled ones. At the end a table of each stage's held-out results before and
+config trains on those pairs beside the bundled ones, the DPO config on those pairs. At the end a table of each stage's held-out results before and
 after it is printed and written to `<output root>/summary.md`.
 """
 
@@ -36,7 +38,11 @@ ROWS = [
     ("grpo", "eval/reward", "held-out reward"),
     ("grpo", "eval/exact_match", "held-out exact match"),
     *[("grpo", f"eval/exact_match/{t}", f"held-out exact match: {t}") for t in ("add", "count", "reverse", "sort")],
+    ("dpo", "eval/exact_match", "held-out exact match"),
+    ("dpo", "eval/rewards/accuracy", "held-out pair accuracy (implicit reward)"),
+    ("dpo", "eval/rewards/margin", "held-out implicit reward margin"),
 ]
+STAGE_ORDER = {"ppo": "sft,pairs,rm,ppo", "grpo": "sft,grpo", "dpo": "sft,pairs,dpo"}
 
 
 def run_stage(config: Path, nproc: int, overrides: list[str]) -> float:
@@ -80,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rm", default="configs/rm_tiny.yaml")
     parser.add_argument("--ppo", default="configs/ppo_tiny.yaml")
     parser.add_argument("--grpo", default="configs/grpo_tiny.yaml")
+    parser.add_argument("--dpo", default="configs/dpo_tiny.yaml")
     parser.add_argument(
-        "--rl", choices=("ppo", "grpo"), default="ppo", help="ppo: SFT, pairs, RM, PPO; grpo: SFT, GRPO"
+        "--rl", choices=sorted(STAGE_ORDER), default="ppo", help="; ".join(f"{k}: {v}" for k, v in STAGE_ORDER.items())
     )
     parser.add_argument("--pairs-prompts", default="distributed_pt/assets/demo/prompts_train.jsonl")
     parser.add_argument("--stages", help="comma-separated subset to run, in order (default: all of --rl's)")
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     results: dict[str, tuple[dict, float]] = {}
-    stages = args.stages or ("sft,pairs,rm,ppo" if args.rl == "ppo" else "sft,grpo")
+    stages = args.stages or STAGE_ORDER[args.rl]
     for stage in stages.split(","):
         if stage == "pairs":
             sft_out = REPO / yaml.safe_load((REPO / args.sft).read_text())["output_dir"]

@@ -15,7 +15,8 @@ On disk::
         meta.json                       # {"key": what the key hashes, "stats": {split: DatasetStats}, "seconds": ...}
       .sft-<32 hex>.tmp-<host>-<pid>/   # a build in progress, or one that crashed: never read as a cache
 
-Columns: SFT ``input_ids`` and ``labels``, preference ``chosen``, ``rejected`` (int32 lists) and ``margin``; both have
+Columns: SFT ``input_ids`` and ``labels``, preference ``chosen``, ``rejected`` (int32 lists), ``margin`` and
+``prompt_length``; both have
 ``where`` ("file:line" or "file[row i]") and ``length`` (tokens; the longer side of a pair).
 """
 
@@ -40,7 +41,7 @@ import numpy as np
 from distributed_pt import dist
 from distributed_pt.data.io import DataError, Row, files_sha256, iter_rows, resolve, row_json, tokenizer_digest
 
-FORMAT_VERSION = 2  # bump when the cache layout or a tokenization rule changes
+FORMAT_VERSION = 3  # bump when the cache layout or a tokenization rule changes
 ROWS_PER_WORKER = 2000  # a tokenization worker per this many rows at most: a process costs more than small data
 
 
@@ -62,10 +63,10 @@ class Recipe:
     as JSON) and "where", called with `fn_kwargs`; it returns `columns` plus "length", "truncated" and "dropped"."""
 
     kind: str  # "sft" | "preference": names the cache directory
-    item_type: type  # a dataclass whose fields are `columns` then "where" (Example, PairExample)
+    item_type: type  # a dataclass whose fields are `columns` and "where" (Example, PairExample)
     encode: Callable[..., dict[str, list]]
     fn_kwargs: dict[str, Any]
-    columns: dict[str, str]  # column -> "ids" (list of int32) | "float"
+    columns: dict[str, str]  # column -> "ids" (list of int32) | "float" | "int"
     drop_reason: str  # how DatasetStats names a dropped row
     empty: str  # the error when no training row survives, e.g. "no usable training rows"
     settings: dict[str, Any] = field(default_factory=dict)  # further settings that change the examples (key)
@@ -272,7 +273,7 @@ def _record_batch(rows: list[Row], schema: Any) -> Any:
 def _tokenize(recipe: Recipe, rows: Any, workers: int, fingerprint: str) -> Any:
     from datasets import Features, Sequence, Value
 
-    kinds = {"ids": Sequence(Value("int32")), "float": Value("float64")}
+    kinds = {"ids": Sequence(Value("int32")), "float": Value("float64"), "int": Value("int32")}
     features = Features(
         {
             "row": Value("string"),

@@ -1,12 +1,20 @@
-"""Preference pairs for reward modelling: rows → (chosen ids, rejected ids, margin).
+"""Preference pairs for reward modelling and DPO: rows → (chosen ids, rejected ids, margin, prompt length).
 
 Row kinds (in any file form `data.io` reads), tokenized by the same rules as SFT (`data.sft`):
   * ``{"prompt": str, "chosen": str, "rejected": str}`` → tok(prompt) + tok(answer) + [eos] for each answer;
-  * ``{"chosen": [messages], "rejected": [messages]}`` → each conversation rendered with the chat template.
-An optional numeric ``"margin"`` is read when ``reward.use_margin`` is set. Truncation follows ``data.truncation``
-(``left`` keeps the end of each answer, where the reward is read). Pairs identical after tokenization and
+  * ``{"chosen": [messages], "rejected": [messages]}`` → each conversation rendered with the chat template; the
+    prompt is the conversation before the final assistant message (rendered with the generation prompt) when both
+    sides share it, else the tokens the two sides share from the start.
+An optional numeric ``"margin"`` is read when ``reward.use_margin`` is set. Pairs identical after tokenization and
 truncation carry no preference: they are dropped and counted. `load_preference_data` tokenizes once into an Arrow
 cache (`data.dataset`) that every rank memory-maps.
+
+Truncation to ``data.max_length``:
+  * reward modelling (each side alone, as ``data.truncation`` says): ``left`` keeps the end of each side, where the
+    reward is read; ``right`` keeps the start; ``error`` refuses a long pair naming its row.
+  * DPO (``prompt_first``): the prompt is cut first, from its start, down to what leaves room for the longer response
+    but never below min(its length, max_length // 2) tokens; then both responses lose their ends to fit. The two
+    sides keep the same prompt tokens. ``error`` refuses a long pair.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ class PairExample:
     rejected: list[int]
     margin: float
     where: str
+    prompt_length: int = 0  # leading tokens shared by both sides that are not response (masked out of DPO's log-probs)
 
 
-def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[int], float]:
+def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[int], float, int]:
+    """Validate one row: (chosen ids, rejected ids, margin, prompt length) before truncation."""
     d = row.data
     for key in ("chosen", "rejected"):
         if key not in d:
@@ -45,8 +55,9 @@ def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[
             raise DataError(f"{row.where}: reward.use_margin is set but field 'margin' is missing or not a number")
         margin = float(d["margin"])
     if isinstance(d["chosen"], list) or isinstance(d["rejected"], list):
-        pair = [render_chat(tokenizer, check_messages(d[k], row.where, k)) for k in ("chosen", "rejected")]
-        return pair[0], pair[1], margin
+        chats = [check_messages(d[k], row.where, k) for k in ("chosen", "rejected")]
+        chosen, rejected = (render_chat(tokenizer, c) for c in chats)
+        return chosen, rejected, margin, _chat_prompt_length(tokenizer, chats, chosen, rejected)
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(d.get(key), str):
             raise DataError(f"{row.where}: field '{key}' must be a string (or chosen/rejected message lists)")
@@ -55,27 +66,69 @@ def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[
         tokenizer(d[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for k in ("chosen", "rejected")
     ]
-    return prompt + answers[0], prompt + answers[1], margin
+    return prompt + answers[0], prompt + answers[1], margin, len(prompt)
+
+
+def _chat_prompt_length(tokenizer, chats: list[list[dict]], chosen: list[int], rejected: list[int]) -> int:
+    shared = _common_prefix(chosen, rejected)
+    if chats[0][:-1] == chats[1][:-1] and chats[0][-1]["role"] == chats[1][-1]["role"] == "assistant":
+        prompt = render_chat(tokenizer, chats[0][:-1], add_generation_prompt=True)
+        if len(prompt) <= shared and chosen[: len(prompt)] == prompt:
+            return len(prompt)
+    return shared
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def truncate_prompt_first(
+    chosen: list[int], rejected: list[int], prompt_length: int, max_length: int
+) -> tuple[list[int], list[int], int]:
+    """DPO's rule (module docstring): cut the shared prompt's start, then the responses' ends. Returns (chosen,
+    rejected, prompt length) after the cut."""
+    prompt, answers = chosen[:prompt_length], (chosen[prompt_length:], rejected[prompt_length:])
+    longest = max(map(len, answers))
+    if len(prompt) + longest > max_length:
+        keep = max(max_length - longest, min(len(prompt), max_length // 2))
+        prompt = prompt[len(prompt) - keep :]
+        answers = tuple(a[: max_length - len(prompt)] for a in answers)
+    return prompt + answers[0], prompt + answers[1], len(prompt)
 
 
 def tokenize_pair(
-    tokenizer, row: Row, max_length: int, truncation: str, use_margin: bool
+    tokenizer, row: Row, max_length: int, truncation: str, use_margin: bool, prompt_first: bool = False
 ) -> tuple[PairExample, bool, bool]:
-    """One row's pair after truncation, whether it was truncated, and whether it is dropped (identical sides)."""
-    chosen, rejected, margin = encode_pair(tokenizer, row, use_margin)
+    """One row's pair after truncation, whether it was truncated, and whether it is dropped (identical sides, or,
+    under `prompt_first`, a side left without a response token)."""
+    chosen, rejected, margin, prompt_length = encode_pair(tokenizer, row, use_margin)
     truncated = max(len(chosen), len(rejected)) > max_length
-    if truncated:
+    if truncated and truncation == "error":
+        longer = max(chosen, rejected, key=len)
+        truncate(longer, longer, max_length, "error", row.where)  # raises, naming the row
+    if truncated and prompt_first:
+        chosen, rejected, prompt_length = truncate_prompt_first(chosen, rejected, prompt_length, max_length)
+    elif truncated:
         chosen = truncate(chosen, chosen, max_length, truncation, row.where)[0]
         rejected = truncate(rejected, rejected, max_length, truncation, row.where)[0]
-    return PairExample(chosen, rejected, margin, row.where), truncated, chosen == rejected
+        prompt_length = min(prompt_length, _common_prefix(chosen, rejected))
+    empty = prompt_first and min(len(chosen), len(rejected)) <= prompt_length
+    pair = PairExample(chosen, rejected, margin, row.where, prompt_length)
+    return pair, truncated, chosen == rejected or empty
 
 
-def build_pairs(tokenizer, rows: list[Row], data_cfg: Any, use_margin: bool) -> tuple[list[PairExample], DatasetStats]:
+def build_pairs(
+    tokenizer, rows: list[Row], data_cfg: Any, use_margin: bool, prompt_first: bool = False
+) -> tuple[list[PairExample], DatasetStats]:
     """Tokenize a few rows in memory (the cached path, `load_preference_data`, applies the same `tokenize_pair`)."""
     stats = DatasetStats(rows=len(rows))
     pairs = []
     for row in rows:
-        pair, truncated, dropped = tokenize_pair(tokenizer, row, data_cfg.max_length, data_cfg.truncation, use_margin)
+        args = (data_cfg.max_length, data_cfg.truncation, use_margin, prompt_first)
+        pair, truncated, dropped = tokenize_pair(tokenizer, row, *args)
         stats.truncated += truncated
         if dropped:
             stats.dropped[IDENTICAL] += 1
@@ -86,17 +139,20 @@ def build_pairs(tokenizer, rows: list[Row], data_cfg: Any, use_margin: bool) -> 
 
 
 def encode_batch(
-    batch: dict[str, list], tokenizer, max_length: int, truncation: str, use_margin: bool
+    batch: dict[str, list], tokenizer, max_length: int, truncation: str, use_margin: bool, prompt_first: bool
 ) -> dict[str, list]:
-    """`Dataset.map` function: source rows (columns "row": JSON text, "where") -> chosen, rejected, margin, length
-    (both sides: the tokens a pair puts through the model), truncated, dropped (a dropped pair keeps no tokens)."""
-    out: dict[str, list] = {k: [] for k in ("chosen", "rejected", "margin", "length", "truncated", "dropped")}
+    """`Dataset.map` function: source rows (columns "row": JSON text, "where") -> chosen, rejected, margin,
+    prompt_length, length (both sides: the tokens a pair puts through the model), truncated, dropped (a dropped pair
+    keeps no tokens)."""
+    keys = ("chosen", "rejected", "margin", "prompt_length", "length", "truncated", "dropped")
+    out: dict[str, list] = {k: [] for k in keys}
     for text, where in zip(batch["row"], batch["where"], strict=True):
         row = Row(json.loads(text), where)
-        pair, truncated, dropped = tokenize_pair(tokenizer, row, max_length, truncation, use_margin)
+        pair, truncated, dropped = tokenize_pair(tokenizer, row, max_length, truncation, use_margin, prompt_first)
         out["chosen"].append([] if dropped else pair.chosen)
         out["rejected"].append([] if dropped else pair.rejected)
         out["margin"].append(pair.margin)
+        out["prompt_length"].append(pair.prompt_length)
         out["length"].append(0 if dropped else len(pair.chosen) + len(pair.rejected))  # both sides are read
         out["truncated"].append(truncated)
         out["dropped"].append(dropped)
@@ -104,9 +160,10 @@ def encode_batch(
 
 
 def load_preference_data(
-    tokenizer, data_cfg: Any, seed: int, use_margin: bool, cache_dir: Path
+    tokenizer, data_cfg: Any, seed: int, use_margin: bool, cache_dir: Path, prompt_first: bool = False
 ) -> tuple[TokenizedDataset, TokenizedDataset, dict[str, DatasetStats]]:
-    """Read, split and tokenize, once: the pairs are cached under `cache_dir` (see `data.dataset`).
+    """Read, split and tokenize, once: the pairs are cached under `cache_dir` (see `data.dataset`). `prompt_first`:
+    DPO's truncation rule, and a pair with a side left without response tokens is dropped.
 
     Returns (train, eval, {"train": stats, "eval": stats}): memory-mapped datasets of `PairExample`s (`len`, `[i]`,
     `examples(indices)`, `lengths` = the longer side's tokens). `seed` seeds the `data.eval_fraction` split.
@@ -116,12 +173,16 @@ def load_preference_data(
         item_type=PairExample,
         encode=encode_batch,
         fn_kwargs=dict(
-            tokenizer=tokenizer, max_length=data_cfg.max_length, truncation=data_cfg.truncation, use_margin=use_margin
+            tokenizer=tokenizer,
+            max_length=data_cfg.max_length,
+            truncation=data_cfg.truncation,
+            use_margin=use_margin,
+            prompt_first=prompt_first,
         ),
-        columns={"chosen": "ids", "rejected": "ids", "margin": "float"},
-        drop_reason=IDENTICAL,
+        columns={"chosen": "ids", "rejected": "ids", "margin": "float", "prompt_length": "int"},
+        drop_reason=IDENTICAL if not prompt_first else f"{IDENTICAL} or without a response token",
         empty="no usable preference pairs",
-        settings={"use_margin": use_margin},
+        settings={"use_margin": use_margin, "prompt_first": prompt_first},
     )
     return load_cached(recipe, tokenizer, data_cfg, seed, cache_dir)
 
@@ -131,3 +192,12 @@ def collate_pairs(pairs: list[PairExample], pad_id: int):
     (input_ids (2B, T), attention_mask (2B, T), margin (B,))."""
     ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return ids, mask, torch.tensor([p.margin for p in pairs])
+
+
+def collate_dpo_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`collate_pairs`' 2B rows (chosen, then rejected) and which positions hold response tokens: (input_ids (2B, T),
+    attention_mask (2B, T), response_mask (2B, T) bool: position j with prompt_length <= j < the side's length)."""
+    ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    starts = torch.tensor([p.prompt_length for p in pairs] * 2)
+    positions = torch.arange(ids.size(1))
+    return ids, mask, (positions >= starts[:, None]) & mask.bool()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -29,6 +30,31 @@ def reference_logprobs(
     temperature: float,
     fused: bool,
 ) -> torch.Tensor:
-    """(B, T-1) log-probs of the frozen reference: its own engine, or (None) the LoRA actor with adapters off."""
-    with adapters_disabled(actor) if reference is None else nullcontext():
-        return token_logprobs(reference or actor, input_ids, attention_mask, temperature, fused)[0]
+    """(B, T-1) log-probs of the frozen reference: its own engine, or (None) the LoRA actor with adapters off, in
+    eval mode (no dropout: the reference is a fixed function)."""
+    model = reference or actor
+    with adapters_disabled(actor) if reference is None else nullcontext(), evaluating(model):
+        return token_logprobs(model, input_ids, attention_mask, temperature, fused)[0]
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    """(B,) float32 sum of log pi over each row's response tokens (response_mask (B, T) marks them, unshifted)."""
+    return masked_sum(token_logprobs(model, input_ids, attention_mask, 1.0, fused)[0], response_mask)
+
+
+def masked_sum(logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of (B, T-1) per-position log-probs over the response tokens they predict (mask (B, T))."""
+    return (logp * response_mask[:, 1:]).sum(1)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block, then back to the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,237 @@
+"""DPO: preference optimisation without a reward model or rollouts, on the RM stage's preference pairs.
+
+    deepspeed --num_gpus 8 --module distributed_pt.train configs/dpo_tiny.yaml [key.sub=value ...]
+
+Models: the policy (`model.path`, an SFT output; LoRA or full) on its DeepSpeed engine, and the reference, the
+policy's starting point: a frozen copy (ZeRO-3 with its parameters on CPU under `dpo.offload_reference`), the same
+model with its LoRA adapters off, or log-probs precomputed in one cached pass (`dpo.precompute_reference`: no
+reference model in memory while training; see `rl.reference`). SimPO (`dpo.loss_type: simpo`) needs no reference.
+
+Each micro batch puts its chosen and rejected sides through the policy in one forward; the sequence log-prob of a
+side is the sum over its response tokens (prompt and padding masked; the fused LM-head kernel on CUDA, no full
+logits). Loss and implicit rewards: `losses.dpo`; + `dpo.sft_coef` x the chosen side's per-token NLL (RPO).
+Long pairs lose their prompt's start first, then their responses' ends (`data.preference`). Outputs as for SFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from distributed_pt import dist
+from distributed_pt.config import ConfigError, DPOConfig
+from distributed_pt.data.collate import Examples, ShardedBatches
+from distributed_pt.data.io import read_rows
+from distributed_pt.data.preference import PairExample, collate_dpo_pairs, load_preference_data
+from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
+from distributed_pt.engine.generation import exact_match, greedy_answers
+from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
+from distributed_pt.engine.metrics import StepTimer
+from distributed_pt.losses.dpo import dpo_loss
+from distributed_pt.models.heads import Backbone, use_fused_loss
+from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
+from distributed_pt.rl.logprobs import masked_sum, reference_logprobs, sequence_logprobs
+from distributed_pt.rl.reference import precomputed
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass
+class Policy:
+    """The engine that trains and where its reference log-probs come from: `reference` (a frozen engine), else
+    `tables` ({"train"|"eval": (N, 2) precomputed chosen/rejected log-probs}), else the LoRA adapters switched off;
+    none for SimPO."""
+
+    engine: DeepSpeedEngine
+    reference: DeepSpeedEngine | None
+    tables: dict[str, torch.Tensor] | None
+    fused: bool
+    pad_id: int
+    cfg: DPOConfig
+
+    def reference_free(self) -> bool:
+        return self.cfg.dpo.loss_type == "simpo"
+
+    def loss(self, pairs: list[PairExample], split: str, indices: list[int]) -> tuple[torch.Tensor, dict, int, int]:
+        """The loss of a micro batch of pairs (items `indices` of `split`), its statistics, real tokens and slots."""
+        dpo, device = self.cfg.dpo, self.engine.device
+        ids, mask, response = (t.to(device) for t in collate_dpo_pairs(pairs, self.pad_id))
+        logps = sequence_logprobs(self.engine, ids, mask, response, self.fused)
+        lengths = response[:, 1:].sum(1)
+        ref = None
+        if not self.reference_free():
+            ref = self.reference_logps(ids, mask, response, split, indices)
+        chosen, rejected = logps.chunk(2)
+        loss, stats = dpo_loss(
+            chosen, rejected, *(ref.chunk(2) if ref is not None else (None, None)), dpo.loss_type, dpo.beta,
+            dpo.label_smoothing, dpo.gamma, *lengths.chunk(2),
+        )  # fmt: skip
+        nll = -(chosen / lengths[: len(pairs)]).mean()
+        stats["nll"] = nll.item()
+        if dpo.sft_coef:
+            loss = loss + dpo.sft_coef * nll
+        return loss, stats, int(mask.sum()), mask.numel()
+
+    @torch.no_grad()
+    def reference_logps(
+        self, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, split: str, indices: list[int]
+    ) -> torch.Tensor:
+        """(2B,) reference sequence log-probs: chosen sides, then rejected."""
+        if self.tables is not None:
+            return self.tables[split][indices].T.reshape(-1).to(ids.device)
+        logp = reference_logprobs(self.engine, self.reference, ids, mask, 1.0, self.fused)
+        return masked_sum(logp, response)
+
+
+def main(cfg: DPOConfig) -> dict:
+    start(cfg)
+    check_config(cfg)
+    dpo = cfg.dpo
+    tokenizer = load_tokenizer(cfg.model)
+    data_args = (tokenizer, cfg.data, cfg.train.seed, False, data_cache(cfg))
+    train_set, eval_set, stats = load_preference_data(*data_args, prompt_first=True)
+    dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
+    eval_rows = read_rows(dpo.eval_prompts)[: cfg.eval.num_generate] if cfg.eval.num_generate > 0 else []
+    model = load_model(cfg.model, tokenizer)
+    make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing, name="policy")
+    fused = use_fused_loss(cfg.loss.fused, model)
+    reference = None
+    if reference_kind(cfg) == "frozen copy":
+        frozen = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
+        reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=dpo.offload_reference)
+    dist.print0(f"reference: {reference_kind(cfg)}")
+
+    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
+    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps)
+    policy = Policy(engine, reference, None, fused, tokenizer.pad_token_id, cfg)
+    if reference_kind(cfg) == "precomputed":  # before a checkpoint is loaded: the engine still holds the start
+        policy.tables = {
+            split: precompute(policy, data, split, tokenizer)
+            for split, data in (("train", train_set), ("eval", eval_set))
+        }
+
+    run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))
+    before, after = run.train(
+        lambda: train(run, policy, train_set, batches),
+        lambda: evaluate(policy, eval_set, eval_rows, tokenizer),
+    )
+    if cfg.checkpoint.export_hf:
+        export(engine, tokenizer, cfg, run.out / "final")
+    return run.finish(before, after)
+
+
+def train(run: Run, policy: Policy, train_set: Examples, batches: ShardedBatches) -> None:
+    micro_batches = batches.iterate(run.state.micro_step)
+    timer, engine = StepTimer(policy.engine), policy.engine
+    while run.training():
+        for _ in range(run.cfg.train.gradient_accumulation_steps):
+            run.state.micro_step, indices = next(micro_batches)
+            loss, stats, tokens, slots = policy.loss(train_set.examples(indices), "train", indices)
+            check_finite(loss, run.state.step + 1)
+            engine.backward(loss)
+            engine.step()
+            timer.add(tokens, 2 * len(indices), slots, loss=loss, **stats)
+        run.end_step(timer.flush, postfix=("loss", "rewards/accuracy"))
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy, eval_set: Examples, eval_rows: list, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, float]:
+    """Loss, implicit-reward accuracy and margin over the eval pairs, and greedy exact match on `dpo.eval_prompts`
+    (equal shares per rank, so ZeRO-3's gathers stay in step; a remainder under world size is left out)."""
+    cfg, engine = policy.cfg, policy.engine
+    metrics: dict[str, float] = {}
+    engine.eval()
+    if eval_set:
+        mine = dist.equal_share(list(range(len(eval_set))))
+        names = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for i in range(0, len(mine), cfg.train.micro_batch_size):
+            indices = mine[i : i + cfg.train.micro_batch_size]
+            loss, stats, _, _ = policy.loss(eval_set.examples(indices), "eval", indices)
+            n = len(indices)
+            sums += torch.tensor([loss.item() * n] + [stats[k] * n for k in names[1:]] + [n], dtype=torch.float64)
+        *totals, n = dist.all_reduce_sum(sums).tolist()
+        metrics |= {f"eval/{k}": v / max(n, 1) for k, v in zip(names, totals, strict=True)}
+    if eval_rows:
+        answers = greedy_answers(engine, eval_rows, tokenizer, cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
+        metrics["eval/exact_match"] = exact_match(answers)
+    engine.train()
+    return metrics
+
+
+def precompute(policy: Policy, data: Examples, split: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """(len(data), 2) reference log-probs of a split, from the starting weights (adapters off under LoRA), cached
+    under the data cache keyed by the model, the data and the settings that change the numbers."""
+    cfg = policy.cfg
+    key = {
+        "model": _model_identity(cfg),
+        "dtype": cfg.model.dtype,
+        "attn": cfg.model.attn_implementation,
+        "fused": policy.fused,
+        "data": fingerprint(tokenizer, cfg.data.train_files + cfg.data.eval_files),
+        "data_settings": [cfg.data.max_length, cfg.data.truncation, cfg.data.eval_fraction, cfg.train.seed],
+        "split": split,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    lora = cfg.lora.enabled
+
+    def logps(indices: list[int]) -> torch.Tensor:
+        ids, mask, response = (
+            t.to(policy.engine.device) for t in collate_dpo_pairs(data.examples(indices), policy.pad_id)
+        )
+        logp = reference_logprobs(policy.engine, None if lora else policy.engine, ids, mask, 1.0, policy.fused)
+        return masked_sum(logp, response).view(2, -1).T
+
+    with torch.no_grad():
+        return precomputed(
+            data_cache(cfg) / f"dpo-reference-{digest}", len(data), logps, cfg.train.micro_batch_size, key
+        )
+
+
+def _model_identity(cfg: DPOConfig) -> dict:
+    """The starting weights: a model directory's files (names, sizes, modification times; hashing gigabytes at every
+    start would cost minutes), or the random-init config and seed."""
+    if cfg.model.path is None:
+        return {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
+    files = sorted(p for p in Path(cfg.model.path).resolve().iterdir() if p.is_file())
+    return {
+        "path": str(Path(cfg.model.path).resolve()),
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
+
+
+def reference_kind(cfg: DPOConfig) -> str:
+    if cfg.dpo.loss_type == "simpo":
+        return "none (simpo is reference-free)"
+    if cfg.dpo.precompute_reference:
+        return "precomputed"
+    return "the policy with LoRA adapters off" if cfg.lora.enabled else "frozen copy"
+
+
+def check_config(cfg: DPOConfig) -> None:
+    """What the typed config cannot say."""
+    dpo = cfg.dpo
+    if dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be > 0, got {dpo.beta}")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+    if dpo.label_smoothing and dpo.loss_type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"dpo.label_smoothing applies to loss_type sigmoid and simpo, not {dpo.loss_type}")
+    if dpo.gamma and dpo.loss_type != "simpo":
+        raise ConfigError(f"dpo.gamma (SimPO's target margin) applies to loss_type simpo, not {dpo.loss_type}")
+    if cfg.data.truncation == "left":
+        raise ConfigError("data.truncation: DPO cuts a long pair's prompt first ('right') or refuses it ('error')")
+    if cfg.data.packing:
+        raise ConfigError("data.packing: the DPO stage does not pack pairs yet; set it to false")
+    if cfg.eval.num_generate > 0 and not dpo.eval_prompts:
+        dist.print0("eval: no dpo.eval_prompts, so no exact-match eval (eval pairs only)")
