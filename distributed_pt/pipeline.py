@@ -10,8 +10,8 @@
 The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
 samples the SFT model on the training prompts and labels its answers with the demo's checker
 (`distributed_pt.data.sample_pairs`), standing in for InstructGPT's human comparisons of model outputs; the RM
-config trains on those pairs beside the bundled ones, the DPO config on those pairs. At the end a table of each stage's held-out results before and
-after it is printed and written to `<output root>/summary.md`.
+config trains on those pairs beside the bundled ones, and so does the DPO config. At the end a table of each stage's
+held-out results before and after it is printed and written to `<output root>/summary.md`.
 """
 
 from __future__ import annotations

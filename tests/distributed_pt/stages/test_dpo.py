@@ -62,8 +62,10 @@ def test_zero2_learns_the_preferences_and_exports(dpo_zero2_run):
 def test_precomputed_reference_gives_the_live_references_run(tmp_path, dpo_zero2_run, sft_zero2_run):
     """The same run with reference log-probs precomputed before training: every step's loss and rewards equal the
     frozen-copy run's, and a second start reads the cache instead of computing."""
-    args = _overrides(sft_zero2_run, tmp_path / "run", "dpo.precompute_reference=true", "checkpoint.save_every=0",
-                      f"data.cache_dir={tmp_path / 'cache'}", "deepspeed.config=configs/deepspeed/zero2.json")  # fmt: skip
+    args = _overrides(
+        sft_zero2_run, tmp_path / "run", "dpo.precompute_reference=true", "checkpoint.save_every=0",
+        f"data.cache_dir={tmp_path / 'cache'}", "deepspeed.config=configs/deepspeed/zero2.json",
+    )  # fmt: skip
     proc = run_launcher(CONFIG, args)
     assert "reference: precomputed" in proc.stdout and "computing the rest" in proc.stdout
     live, pre = _steps(dpo_zero2_run), _steps(tmp_path / "run")
