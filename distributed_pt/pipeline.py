@@ -39,6 +39,7 @@ ROWS = [
     ("grpo", "eval/exact_match", "held-out exact match"),
     *[("grpo", f"eval/exact_match/{t}", f"held-out exact match: {t}") for t in ("add", "count", "reverse", "sort")],
     ("dpo", "eval/exact_match", "held-out exact match"),
+    *[("dpo", f"eval/exact_match/{t}", f"held-out exact match: {t}") for t in ("add", "count", "reverse", "sort")],
     ("dpo", "eval/rewards/accuracy", "held-out pair accuracy (implicit reward)"),
     ("dpo", "eval/rewards/margin", "held-out implicit reward margin"),
 ]

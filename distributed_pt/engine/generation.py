@@ -70,6 +70,17 @@ def greedy_answers(
 
 def exact_match(answers: list[tuple[dict, str]]) -> float:
     """The fraction (over all ranks) of responses equal to the row's reference, whitespace-normalised."""
-    hits = sum(is_exact_match(text, prompt_and_reference(row)[1]) for row, text in answers)
-    correct, total = dist.all_reduce_sum(torch.tensor([float(hits), float(len(answers))])).tolist()
-    return correct / max(total, 1)
+    return exact_match_by_task(answers, [])["eval/exact_match"]
+
+
+def exact_match_by_task(answers: list[tuple[dict, str]], tasks: list[str]) -> dict[str, float]:
+    """`exact_match` overall ("eval/exact_match") and over the rows of each of `tasks` (their "task" column;
+    "eval/exact_match/<task>"). `tasks` must be the same list on every rank (e.g. from all eval rows)."""
+    counts = torch.zeros(1 + len(tasks), 2, dtype=torch.float64)  # hits, rows
+    for row, text in answers:
+        hit = float(is_exact_match(text, prompt_and_reference(row)[1]))
+        for k in [0] + ([1 + tasks.index(row["task"])] if row.get("task") in tasks else []):
+            counts[k] += torch.tensor([hit, 1.0], dtype=torch.float64)
+    counts = dist.all_reduce_sum(counts).tolist()
+    names = ["eval/exact_match", *(f"eval/exact_match/{t}" for t in tasks)]
+    return {name: hit / max(n, 1) for name, (hit, n) in zip(names, counts, strict=True) if n or not tasks}

@@ -29,7 +29,7 @@ from distributed_pt.data.collate import Examples, ShardedBatches
 from distributed_pt.data.io import read_rows
 from distributed_pt.data.preference import PairExample, collate_dpo_pairs, load_preference_data
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
-from distributed_pt.engine.generation import exact_match, greedy_answers
+from distributed_pt.engine.generation import exact_match_by_task, greedy_answers
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.losses.dpo import dpo_loss
@@ -103,7 +103,7 @@ def main(cfg: DPOConfig) -> dict:
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing, name="policy")
     fused = use_fused_loss(cfg.loss.fused, model)
     reference = None
-    if reference_kind(cfg) == "frozen copy":
+    if reference_kind(cfg).startswith("frozen copy"):
         frozen = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
         reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=dpo.offload_reference)
     dist.print0(f"reference: {reference_kind(cfg)}")
@@ -147,7 +147,8 @@ def evaluate(
     policy: Policy, eval_set: Examples, eval_rows: list, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, float]:
     """Loss, implicit-reward accuracy and margin over the eval pairs, and greedy exact match on `dpo.eval_prompts`
-    (equal shares per rank, so ZeRO-3's gathers stay in step; a remainder under world size is left out)."""
+    (overall and per "task" column). Equal shares per rank, so ZeRO-3's gathers stay in step (a remainder under world
+    size is left out)."""
     cfg, engine = policy.cfg, policy.engine
     metrics: dict[str, float] = {}
     engine.eval()
@@ -164,7 +165,7 @@ def evaluate(
         metrics |= {f"eval/{k}": v / max(n, 1) for k, v in zip(names, totals, strict=True)}
     if eval_rows:
         answers = greedy_answers(engine, eval_rows, tokenizer, cfg.train.micro_batch_size, cfg.eval.max_new_tokens)
-        metrics["eval/exact_match"] = exact_match(answers)
+        metrics |= exact_match_by_task(answers, sorted({r.data.get("task") for r in eval_rows} - {None}))
     engine.train()
     return metrics
 
@@ -215,7 +216,9 @@ def reference_kind(cfg: DPOConfig) -> str:
         return "none (simpo is reference-free)"
     if cfg.dpo.precompute_reference:
         return "precomputed"
-    return "the policy with LoRA adapters off" if cfg.lora.enabled else "frozen copy"
+    if cfg.lora.enabled:
+        return "the policy with LoRA adapters off"
+    return "frozen copy" + (" (ZeRO-3, parameters offloaded to CPU)" if cfg.dpo.offload_reference else "")
 
 
 def check_config(cfg: DPOConfig) -> None:

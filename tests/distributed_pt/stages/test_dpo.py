@@ -35,8 +35,9 @@ def _steps(out: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def dpo_zero2_run(tmp_path_factory, sft_zero2_run) -> Path:
     out = tmp_path_factory.mktemp("dpo_zero2")
-    proc = run_launcher(CONFIG, _overrides(sft_zero2_run, out, "deepspeed.config=configs/deepspeed/zero2.json"))
-    assert "reference: frozen copy" in proc.stdout
+    args = _overrides(sft_zero2_run, out, "deepspeed.config=configs/deepspeed/zero2.json", "dpo.offload_reference=true")
+    proc = run_launcher(CONFIG, args)
+    assert "reference: frozen copy (ZeRO-3, parameters offloaded to CPU)" in proc.stdout
     return out
 
 
@@ -61,7 +62,7 @@ def test_zero2_learns_the_preferences_and_exports(dpo_zero2_run):
 
 def test_precomputed_reference_gives_the_live_references_run(tmp_path, dpo_zero2_run, sft_zero2_run):
     """The same run with reference log-probs precomputed before training: every step's loss and rewards equal the
-    frozen-copy run's, and a second start reads the cache instead of computing."""
+    run's with a frozen copy (offloaded), and a second start reads the cache instead of computing."""
     args = _overrides(
         sft_zero2_run, tmp_path / "run", "dpo.precompute_reference=true", "checkpoint.save_every=0",
         f"data.cache_dir={tmp_path / 'cache'}", "deepspeed.config=configs/deepspeed/zero2.json",
@@ -83,7 +84,8 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, dpo_zero2_run, sft_zero2
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(dpo_zero2_run / "checkpoints" / "step_6", out / "checkpoints" / "step_6")
     (out / "checkpoints" / "latest").write_text("step_6")
-    run_launcher(CONFIG, _overrides(sft_zero2_run, out, "deepspeed.config=configs/deepspeed/zero2.json"))
+    args = _overrides(sft_zero2_run, out, "deepspeed.config=configs/deepspeed/zero2.json", "dpo.offload_reference=true")
+    run_launcher(CONFIG, args)
     resumed, reference = _steps(out), _steps(dpo_zero2_run)
     assert sorted(resumed) == list(range(7, STEPS + 1))
     for step in resumed:
