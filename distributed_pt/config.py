@@ -31,11 +31,18 @@ class ModelConfig:
     path: str | None = None
     # Or build a random-init model from a config: {"model_type": "llama", "hidden_size": 64, ...}.
     init_config: dict[str, Any] | None = None
+    # Or a named public architecture, configs/models/<preset>.yaml (llama-3.1-8b, qwen2.5-7b, gpt2, ...): without
+    # `path` a random-init model of that exact shape (its vocabulary, grown to the tokenizer's if that is larger);
+    # with `path` the checkpoint's config.json must match it. Not together with init_config.
+    preset: str | None = None
     # Tokenizer directory; defaults to `path`, else the bundled demo tokenizer.
     tokenizer: str | None = None
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
+    # Run the Python modelling/tokenizer code a model directory ships (its config's auto_map) on every rank. Off unless
+    # set: such code can do anything; rank 0 prints a warning when it is on.
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Load Hugging Face causal LMs and tokenizers from local directories, or build random-init models from a config.
 
-Nothing is downloaded: every `from_pretrained` runs with ``local_files_only=True``.
+Where a model comes from (`model.*`): `path` (a local HF directory: one safetensors file, or shards with their
+``model.safetensors.index.json``), `init_config` (a config dict, random init) or `preset` (a named public architecture
+in configs/models/, random init at the real size; with `path` it is instead checked against the path's config.json).
+Nothing is downloaded: every `from_pretrained` runs with ``local_files_only=True``, and with
+``trust_remote_code=model.trust_remote_code`` (False unless the config sets it).
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from distributed_pt import dist
 from distributed_pt.config import DEMO_DIR, ConfigError, LoraConfig, ModelConfig
+from distributed_pt.models.presets import check_preset_matches, hf_config, load_preset
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def local_dir(path: str, key: str) -> str:
@@ -29,7 +36,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         key, path = "model.path", cfg.path
     if path is None:
         path = str(DEMO_DIR / "tokenizer")
-    tok = AutoTokenizer.from_pretrained(local_dir(path, key), local_files_only=True)
+    warn_remote_code(cfg, path, "tokenizer")
+    tok = AutoTokenizer.from_pretrained(
+        local_dir(path, key), local_files_only=True, trust_remote_code=cfg.trust_remote_code
+    )
     if tok.eos_token_id is None:
         raise ConfigError(f"{key}: the tokenizer at '{path}' has no EOS token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None:
@@ -48,16 +58,17 @@ def attention_implementation(cfg: ModelConfig) -> str:
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """A causal LM from `model.path`, or random-init from `model.init_config`; vocab checked against the tokenizer."""
+    """A causal LM from `model.path` (checked against `model.preset` when both are set), or random-init from
+    `model.preset` or `model.init_config`; its vocabulary is checked against the tokenizer's."""
     kwargs = {"dtype": DTYPES[cfg.dtype], "attn_implementation": attention_implementation(cfg)}
+    check_model_source(cfg)
     if cfg.path is not None:
-        if cfg.init_config:
-            raise ConfigError("model: set either 'path' (a pretrained model) or 'init_config' (random init), not both")
-        model = AutoModelForCausalLM.from_pretrained(local_dir(cfg.path, "model.path"), local_files_only=True, **kwargs)
-    elif cfg.init_config:
-        model = AutoModelForCausalLM.from_config(build_config(cfg.init_config, tokenizer), **kwargs)
+        warn_remote_code(cfg, cfg.path, "model")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
     else:
-        raise ConfigError("model: set 'path' (a local HF model directory) or 'init_config' (a model config dict)")
+        model = AutoModelForCausalLM.from_config(init_model_config(cfg, tokenizer), **kwargs)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ConfigError(
             f"model: its vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller than the tokenizer's "
@@ -76,24 +87,54 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
-def build_config(init_config: dict, tokenizer: PreTrainedTokenizerBase):
+def check_model_source(cfg: ModelConfig) -> None:
+    """One source of weights: `path`, `preset` or `init_config`, where `path` may come with the `preset` it must match
+    (its config.json is compared key by key; see `presets.ARCHITECTURE_KEYS`)."""
+    if cfg.init_config and cfg.path is not None:
+        raise ConfigError("model: set either 'path' (a pretrained model) or 'init_config' (random init), not both")
+    if cfg.init_config and cfg.preset is not None:
+        raise ConfigError("model: set either 'preset' (a named architecture) or 'init_config' (a dict), not both")
+    if cfg.path is None and cfg.preset is None and not cfg.init_config:
+        raise ConfigError(
+            "model: set 'path' (a local HF model directory), 'preset' (configs/models/<name>.yaml) or 'init_config' "
+            "(a model config dict)"
+        )
+    if cfg.path is not None and cfg.preset is not None:
+        check_preset_matches(cfg.preset, local_dir(cfg.path, "model.path"))
+    elif cfg.path is not None:
+        local_dir(cfg.path, "model.path")
+
+
+def init_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config a random-init model is built from: `model.preset` or `model.init_config`.
+
+    A preset keeps its own vocabulary size (the real model's shape and memory; the real tokenizer fits it) unless the
+    tokenizer is larger, and takes its special-token ids from the tokenizer that will feed it."""
+    if cfg.preset is None:
+        return build_config(cfg.init_config, tokenizer)
+    fields = {k: v for k, v in load_preset(cfg.preset).items() if k not in SPECIAL_TOKEN_IDS}
+    fields["vocab_size"] = max(fields["vocab_size"], len(tokenizer))
+    return build_config(fields, tokenizer, key="model.preset")
+
+
+def build_config(
+    init_config: dict, tokenizer: PreTrainedTokenizerBase, key: str = "model.init_config"
+) -> PretrainedConfig:
     """A transformers config from a dict with `model_type`; token ids and vocab size default to the tokenizer's."""
-    fields = dict(init_config)
-    model_type = fields.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("model.init_config: needs 'model_type' (e.g. llama, qwen2, gpt2)")
-    fields.setdefault("vocab_size", len(tokenizer))
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        fields.setdefault(name, getattr(tokenizer, name))
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except Exception as e:  # transformers 5 validates configs with huggingface_hub's own error types
-        raise ConfigError(f"model.init_config: {e}") from e
+    defaults = {"vocab_size": len(tokenizer), **{name: getattr(tokenizer, name) for name in SPECIAL_TOKEN_IDS}}
+    return hf_config({**defaults, **init_config}, key=key)
+
+
+def warn_remote_code(cfg: ModelConfig, path: str, what: str) -> None:
+    if cfg.trust_remote_code:
+        dist.print0(
+            f"warning: model.trust_remote_code is on: Python code from the {what} directory '{path}' (its auto_map) "
+            "will run on every rank. Only use it for directories you trust."
+        )
 
 
 def make_trainable(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool, name: str = "model") -> None:
     """Full fine-tuning, or LoRA adapters on `lora.target_modules` (base frozen); prints what trains on rank 0."""
-    from distributed_pt import dist
     from distributed_pt.models.lora import apply_lora, count_trainable, prepare_for_gradient_checkpointing
 
     if lora.enabled:

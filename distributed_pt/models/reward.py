@@ -17,24 +17,27 @@ from distributed_pt.config import ConfigError, ModelConfig
 from distributed_pt.models.loading import (
     DTYPES,
     attention_implementation,
-    build_config,
+    check_model_source,
     enable_gradient_checkpointing,
-    local_dir,
+    init_model_config,
+    warn_remote_code,
 )
 
 
 def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """A scalar-head model from `model.path` (an SFT output, any HF causal LM, or a reward model) or `init_config`."""
+    """A scalar-head model from `model.path` (an SFT output, any HF causal LM, or a reward model; checked against
+    `model.preset` when both are set), or random-init from `model.preset` or `model.init_config`."""
     kwargs = {"dtype": DTYPES[cfg.dtype], "attn_implementation": attention_implementation(cfg), "num_labels": 1}
+    check_model_source(cfg)
     if cfg.path is not None:
-        path = local_dir(cfg.path, "model.path")
-        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, **kwargs)
-    elif cfg.init_config:
-        config = build_config(cfg.init_config, tokenizer)
+        warn_remote_code(cfg, cfg.path, "model")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    else:
+        config = init_model_config(cfg, tokenizer)
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config, dtype=kwargs["dtype"])
-    else:
-        raise ConfigError("model: set 'path' (a local HF model directory) or 'init_config' (a model config dict)")
     if not isinstance(getattr(model, "score", None), torch.nn.Linear):
         raise ConfigError(f"model: {type(model).__name__} has no linear 'score' head; it cannot be a reward model")
     model.config.pad_token_id = tokenizer.pad_token_id

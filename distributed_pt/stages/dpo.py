@@ -201,9 +201,9 @@ def precompute(policy: Policy, data: Examples, split: str, tokenizer: PreTrained
 
 def _model_identity(cfg: DPOConfig) -> dict:
     """The starting weights: a model directory's files (names, sizes, modification times; hashing gigabytes at every
-    start would cost minutes), or the random-init config and seed."""
+    start would cost minutes), or the random-init preset or config and seed."""
     if cfg.model.path is None:
-        return {"init_config": cfg.model.init_config, "seed": cfg.train.seed}
+        return {"preset": cfg.model.preset, "init_config": cfg.model.init_config, "seed": cfg.train.seed}
     files = sorted(p for p in Path(cfg.model.path).resolve().iterdir() if p.is_file())
     return {
         "path": str(Path(cfg.model.path).resolve()),

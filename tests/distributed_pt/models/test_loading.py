@@ -132,6 +132,22 @@ def test_save_pretrained_and_load_back_with_model_path(tok, tmp_path):
     )
 
 
+def test_sharded_safetensors_with_an_index_load_through_model_path(tok, tmp_path):
+    # How real checkpoints ship: model-0000i-of-0000n.safetensors shards and model.safetensors.index.json.
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(init_config=init("llama", num_hidden_layers=2), dtype="fp32"), tok)
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "m" / s).is_file() for s in shards)
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    loaded = load_model(ModelConfig(path=str(tmp_path / "m"), dtype="fp32"), tok)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
 def test_non_existent_model_path_names_the_key(tok, tmp_path):
     with pytest.raises(ConfigError, match="model.path: .* is not a local directory"):
         load_model(ModelConfig(path=str(tmp_path / "missing")), tok)

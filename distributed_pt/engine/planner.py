@@ -1,0 +1,430 @@
+"""What a stage config needs per GPU, before anything is allocated: the memory planner behind
+`python -m distributed_pt.plan` (and the plan every run logs beside its measured peak).
+
+    plan = make_plan(cfg, Hardware(gpus_per_node=8, nodes=2, gpu_memory=80 * GiB))
+    print(render(plan))
+
+The model is built on the meta device (no memory, no weights read) from `model.preset`, `model.path`'s config.json
+or `model.init_config`, with LoRA applied as training would; everything else is arithmetic. Per GPU:
+
+* **Model states**, following what DeepSpeed 0.19 actually holds (checked tensor by tensor against
+  `benchmarks/bench_memory.py --cpu`): 16-bit weights (ZeRO-3: 1/N of them, plus parameters of at most
+  `stage3_param_persistence_threshold` elements kept whole on every rank); 16-bit gradients of the trainable
+  parameters (ZeRO-0: all; ZeRO-1 and 2 alike: the parameters overlapping this rank's partition of each flat group,
+  whole, so a large tied embedding that straddles a boundary is held by two ranks — not with optimizer offload;
+  ZeRO-3: 1/N); fp32 master weights and
+  Adam's two moments (12 bytes per trainable parameter, 1/N from ZeRO-1; on the host with optimizer offload, which
+  also keeps fp32 gradients there).
+* **Communication buffers**: ZeRO-1/2's reduce bucket (`reduce_bucket_size` 16-bit elements, two with
+  `overlap_comm`), ZeRO-3's reduce bucket and prefetch bucket.
+* **Activations** of a micro batch: with gradient checkpointing each layer's input plus one layer's saved tensors
+  during its recompute; without, every layer's saved tensors (``ACT_BYTES`` per token for a Llama-style block).
+* **Logits**: none with the fused LM-head loss; else ``LOGIT_BYTES`` per token per vocabulary entry.
+* **Optimizer step**: fp32 gradients of this rank's partition while the step runs (the peak of full fine-tuning).
+* **Stage extras**: DPO's frozen reference; PPO's critic (a second trained model), reference and reward model;
+  GRPO's reference (beta > 0) and reward model; PPO/GRPO's generation KV cache.
+
+Peak = model states + buffers + extras + max(activations + logits, optimizer step, generation). The per-token
+constants are measured, not derived: they were fitted to `benchmarks/results/bench_memory_h100.json` (H100, bf16,
+seq 2048, 17 cases), which the planner then matches within 15% (tests/distributed_pt/engine/test_planner.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distributed_pt.config import ConfigError, ModelConfig
+
+GiB = 2**30
+# Bytes kept per token by one Llama-style block for its backward, in 16-bit: 24*hidden + 4*kv_dim + 8*intermediate
+# (norm inputs in fp32, q/k/v, the attention inputs with k/v repeated, its output, the MLP's four intermediates).
+ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 24, 4, 8
+# Bytes per token per vocabulary entry at the loss when logits are materialised (fitted: H100, bf16).
+LOGIT_BYTES = {0: 4.5, 1: 4.5, 2: 4.5, 3: 10.5}
+# ZeRO-3's gathered-parameter working set beyond its buckets, in bytes (fitted: H100).
+ZERO3_WORKING_SET = 0.15 * GiB
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_param_persistence_threshold": 1e5,
+    "overlap_comm": False,
+}
+
+
+@dataclasses.dataclass
+class Hardware:
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_memory: float = 80 * GiB
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    mfu: float = 0.4
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclasses.dataclass
+class Arch:
+    """What the planner reads from a model: parameter counts and the shapes that size activations."""
+
+    params: int
+    trainable: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    linear_weights: int  # weights of the linear layers (LM head and adapters included): FLOPs
+    persistent: int  # parameters of at most the ZeRO-3 persistence threshold (whole on every rank)
+    grad_partition_max: dict[int, int]  # world size -> the most trainable elements a ZeRO-1/2 rank's gradients hold
+
+    def layer_bytes(self, dtype_bytes: int) -> float:
+        per = ACT_HIDDEN * self.hidden + ACT_KV * self.kv_dim + ACT_INTERMEDIATE * self.intermediate
+        return per * dtype_bytes / 2
+
+
+@dataclasses.dataclass
+class Plan:
+    hardware: Hardware
+    items: dict[str, float]  # name -> bytes per GPU (the peak's terms)
+    host: dict[str, float]  # name -> bytes per rank on the host (offloaded states)
+    total: float
+    arch: dict[str, Any]
+    tokens_per_step: int
+    step_time_s: float
+    notes: list[str]
+    suggestions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hardware.gpu_memory
+
+    def record(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["fits"] = self.fits
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model, on the meta device.
+
+
+def hf_config(model: ModelConfig, vocab: int | None = None) -> Any:
+    """The transformers config a stage would build: the preset, else model.path's config.json, else init_config
+    (its vocabulary: `vocab`, the tokenizer's, when it names none)."""
+    from transformers import AutoConfig
+
+    from distributed_pt.models.presets import hf_config as config_of
+    from distributed_pt.models.presets import load_preset
+
+    if model.preset is not None:
+        return config_of(load_preset(model.preset))
+    if model.path is not None:
+        if not (Path(model.path) / "config.json").is_file():
+            raise ConfigError(f"model.path: no config.json in '{model.path}' (or give model.preset to plan without it)")
+        return AutoConfig.from_pretrained(model.path, local_files_only=True, trust_remote_code=model.trust_remote_code)
+    if model.init_config is not None:
+        return config_of({"vocab_size": vocab or 32000, **model.init_config}, "model.init_config")
+    raise ConfigError("model: give model.preset, model.path or model.init_config")
+
+
+def arch(model: ModelConfig, lora: Any, worlds: tuple[int, ...], head: str = "lm", vocab: int | None = None) -> Arch:
+    """Build the model on the meta device (LoRA applied as training would) and read its sizes. `head`: "lm" or
+    "score" (a reward model or critic: the LM head replaced by a scalar head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from distributed_pt.engine.deepspeed import param_groups
+    from distributed_pt.models.lora import apply_lora
+
+    config = hf_config(model, vocab)
+    with torch.device("meta"):
+        if head == "score":
+            config.num_labels = 1
+            net = AutoModelForSequenceClassification.from_config(config)
+        else:
+            net = AutoModelForCausalLM.from_config(config)
+        if lora is not None and lora.enabled:
+            apply_lora(net, lora)
+        elif lora is None:
+            net.requires_grad_(False)
+    params = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    linear = sum(
+        m.weight.numel() + sum(getattr(m, n).numel() for n in ("lora_A", "lora_B") if hasattr(m, n))
+        for m in net.modules()
+        if hasattr(m, "weight")
+        and m.weight is not None
+        and m.weight.ndim == 2
+        and not isinstance(m, torch.nn.Embedding)
+    )
+    persistent = sum(
+        p.numel() for p in net.parameters() if p.numel() <= DEEPSPEED_DEFAULTS["stage3_param_persistence_threshold"]
+    )
+    groups = [[p.numel() for p in g["params"]] for g in param_groups(net, 0.1)]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    return Arch(
+        params=params,
+        trainable=trainable,
+        layers=text.num_hidden_layers,
+        hidden=hidden,
+        intermediate=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
+        kv_dim=hidden // heads * (getattr(text, "num_key_value_heads", None) or heads),
+        vocab=text.vocab_size,
+        linear_weights=linear,
+        persistent=persistent,
+        grad_partition_max={w: _grad_partition_max(groups, w) for w in worlds},
+    )
+
+
+def _grad_partition_max(groups: list[list[int]], world: int) -> int:
+    """ZeRO-1/2: each flat group is cut into `world` equal partitions and a rank's gradient buffer holds every
+    parameter that overlaps its partition whole. The largest rank's total."""
+    per_rank = [0] * world
+    for sizes in groups:
+        total = sum(sizes)
+        part = math.ceil(total / world) if total else 0
+        start = 0
+        for n in sizes:
+            end = start + n
+            for r in range(start // part if part else 0, min(world, math.ceil(end / part) if part else 0)):
+                per_rank[r] += n
+            start = end
+    return max(per_rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The arithmetic.
+
+
+@dataclasses.dataclass
+class ZeroSettings:
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    reduce_bucket: float
+    prefetch_bucket: float
+    overlap_comm: bool
+
+    @classmethod
+    def of(cls, cfg: Any) -> ZeroSettings:
+        from distributed_pt.engine.deepspeed import build_ds_config
+
+        zero = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, 1)["zero_optimization"]
+
+        def on(key: str) -> bool:
+            return zero.get(key, {}).get("device", "none") not in ("none", None)
+
+        get = {**DEEPSPEED_DEFAULTS, **zero}.get
+        return cls(int(zero.get("stage", 0)), on("offload_optimizer"), on("offload_param"),
+                   float(get("reduce_bucket_size")), float(get("stage3_prefetch_bucket_size")),
+                   bool(get("overlap_comm")))  # fmt: skip
+
+
+def model_states(a: Arch, z: ZeroSettings, world: int, dtype_bytes: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(GPU, host) bytes per rank of a trained model's weights, gradients and optimizer states."""
+    b, fp32 = dtype_bytes, dtype_bytes == 4
+    if z.stage >= 3:
+        params = b * (a.params / world + a.persistent)
+        grads = b * a.trainable / world
+    else:
+        params = b * a.params
+        # ZeRO-1/2 hold whole the parameters straddling a partition boundary, except with optimizer offload, which
+        # copies each gradient's own slice to the host (measured: benchmarks/results/bench_memory_cpu.json)
+        whole = a.trainable / world if z.offload_optimizer else a.grad_partition_max.get(world, a.trainable / world)
+        grads = b * (a.trainable if z.stage == 0 else whole)
+    shard = a.trainable / (world if z.stage >= 1 else 1)
+    optimizer = (8 if fp32 else 12) * shard
+    gpu = {"parameters": params, "gradients": grads, "optimizer states": optimizer}
+    host: dict[str, float] = {}
+    if z.offload_optimizer:
+        gpu["optimizer states"] = 0.0
+        host = {"optimizer states": optimizer, "fp32 gradients": 4 * shard}
+    if z.offload_param and z.stage >= 3:
+        host["parameters"] = params
+        gpu["parameters"] = b * a.persistent
+    return gpu, host
+
+
+def frozen_bytes(a: Arch, z: ZeroSettings, world: int, dtype_bytes: int, offload: bool) -> float:
+    """A frozen model's weights per GPU (`engine.deepspeed.frozen_engine`: ZeRO-3 when training is, or offloaded)."""
+    if offload:
+        return dtype_bytes * a.persistent
+    if z.stage >= 3:
+        return dtype_bytes * (a.params / world + a.persistent)
+    return dtype_bytes * a.params
+
+
+def buffers(z: ZeroSettings, dtype_bytes: int, trainable: int) -> float:
+    """Communication buffers DeepSpeed allocates whatever the model's size (ZeRO-1/2 reduce bucket(s); ZeRO-3's
+    reduce and prefetch buckets and its gathered working set)."""
+    if z.stage == 0 or trainable == 0:
+        return 0.0
+    if z.stage >= 3:
+        return dtype_bytes * (z.reduce_bucket + z.prefetch_bucket) + ZERO3_WORKING_SET
+    return dtype_bytes * z.reduce_bucket * (2 if z.overlap_comm else 1)
+
+
+def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int) -> float:
+    if checkpointing:
+        return a.layers * tokens * a.hidden * dtype_bytes + tokens * a.layer_bytes(dtype_bytes)
+    return a.layers * tokens * a.layer_bytes(dtype_bytes)
+
+
+def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
+    """Training FLOPs per token: 2N forward + 2N input gradients + 2N_trainable weight gradients (+2N recompute with
+    gradient checkpointing), N = linear weights; attention 12 * layers * hidden * seq_len (as engine.metrics)."""
+    trainable_linear = min(a.trainable, a.linear_weights)
+    return (4 + 2 * checkpointing) * a.linear_weights + 2 * trainable_linear + 12 * a.layers * a.hidden * seq_len
+
+
+def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
+    """Per-GPU memory and step time of `cfg` (any stage config) on `hw`; suggestions are added by `suggest`."""
+    stage, world, b = cfg.stage, hw.world, 4 if cfg.model.dtype == "fp32" else 2
+    z = ZeroSettings.of(cfg)
+    main = arch(cfg.model, cfg.lora, (world,), head="score" if stage == "rm" else "lm", vocab=vocab)
+    items, host = model_states(main, z, world, b)
+    items["communication buffers"] = buffers(z, b, main.trainable)
+    notes: list[str] = []
+
+    seq, mb = cfg.data.max_length, cfg.train.micro_batch_size
+    section = getattr(cfg, stage, None) if stage in ("ppo", "grpo") else None
+    if section is not None:
+        seq += section.max_new_tokens
+    sequences = mb * (2 if stage in ("rm", "dpo") else 1)  # a pair's two sides go through in one forward
+    tokens = sequences * seq
+    ckpt = cfg.model.gradient_checkpointing
+    fused = stage != "rm" and cfg.loss.fused != "false"  # auto = on for a GPU
+    phases = {
+        "activations + logits": activations(main, tokens, ckpt, b)
+        + (0.0 if fused or stage == "rm" else LOGIT_BYTES[z.stage] * tokens * main.vocab),
+        "optimizer step (fp32 gradients)": 0.0
+        if z.offload_optimizer
+        else 4 * (main.trainable / (world if z.stage else 1)),
+    }
+    frozen = arch(cfg.model, None, (world,), vocab=vocab)
+    if stage == "dpo" and cfg.dpo.loss_type != "simpo" and not cfg.dpo.precompute_reference and not cfg.lora.enabled:
+        items["reference model"] = frozen_bytes(frozen, z, world, b, cfg.dpo.offload_reference)
+    if stage in ("ppo", "grpo"):
+        offload = getattr(section, "offload_frozen", False)
+        needs_reference = stage == "ppo" or section.beta > 0
+        if needs_reference and not cfg.lora.enabled:
+            items["reference model"] = frozen_bytes(frozen, z, world, b, offload)
+        if section.reward_model:
+            scorer = arch(cfg.model, None, (world,), head="score", vocab=vocab)
+            items["reward model"] = frozen_bytes(scorer, z, world, b, offload)
+            notes.append("reward model and critic sized as the policy's architecture with a scalar head")
+        rollout = section.rollout_batch_size * (section.num_generations if stage == "grpo" else 1)
+        phases["generation KV cache"] = rollout * seq * main.layers * 2 * main.kv_dim * b
+    if stage == "ppo":
+        critic = arch(cfg.model, dataclasses.replace(cfg.lora, enabled=False), (world,), head="score", vocab=vocab)
+        critic_gpu, critic_host = model_states(critic, z, world, b)
+        items["critic (weights, gradients, optimizer)"] = sum(critic_gpu.values()) + buffers(z, b, critic.trainable)
+        host |= {f"critic {k}": v for k, v in critic_host.items()}
+
+    peak_phase = max(phases, key=phases.get)
+    items[peak_phase] = phases[peak_phase]
+    notes.append(f"peak during: {peak_phase} (" + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in phases.items()) + ")")
+    tokens_per_step = tokens * cfg.train.gradient_accumulation_steps * world
+    flops = tokens_per_step * flops_per_token(main, seq, ckpt) * (1.5 if "reference model" in items else 1.0)
+    step_time = flops / (world * hw.peak_tflops * 1e12 * hw.mfu)
+    if section is not None:
+        notes.append("step time: training FLOPs only (generation not included)")
+    summary = {"parameters": main.params, "trainable": main.trainable, "layers": main.layers, "hidden": main.hidden,
+               "vocab": main.vocab, "zero_stage": z.stage, "offload_optimizer": z.offload_optimizer,
+               "offload_param": z.offload_param, "gradient_checkpointing": ckpt, "fused_loss": fused,
+               "tokens_per_micro_batch": tokens, "dtype": cfg.model.dtype}  # fmt: skip
+    return Plan(hw, items, host, sum(items.values()), summary, tokens_per_step, step_time, notes)
+
+
+def suggest(cfg: Any, hw: Hardware, plan: Plan, vocab: int | None = None) -> list[dict[str, Any]]:
+    """When `plan` does not fit: the changes (config overrides), cheapest first, that each make it fit, with their
+    predicted memory; if none does alone, the cheapest combination that does (or the closest one)."""
+    from distributed_pt.config import _apply_override
+
+    mb, gas = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
+    candidates: list[dict[str, str]] = []
+    if cfg.stage != "rm" and cfg.loss.fused == "false":
+        candidates.append({"loss.fused": "auto"})
+    if not cfg.model.gradient_checkpointing:
+        candidates.append({"model.gradient_checkpointing": "true"})
+    if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.lora.enabled:
+        candidates.append({"dpo.precompute_reference": "true"})
+    if cfg.stage == "ppo" and not cfg.ppo.offload_frozen:
+        candidates.append({"ppo.offload_frozen": "true"})
+    if plan.arch["zero_stage"] < 3:
+        candidates.append({"deepspeed.zero_stage": "3"})
+    smaller = [mb // k for k in (2, 4, 8, 16, 32, 64) if mb // k >= 1 and mb % k == 0]
+    candidates += [{"train.micro_batch_size": str(m), "train.gradient_accumulation_steps": str(gas * mb // m)}
+                   for m in smaller]  # fmt: skip
+    if not cfg.lora.enabled:
+        candidates.append({"lora.enabled": "true", "lora.r": "16"})
+    if not plan.arch["offload_optimizer"]:
+        candidates.append({"deepspeed.offload_optimizer": "true"})
+    if not plan.arch["offload_param"]:
+        candidates.append({"deepspeed.zero_stage": "3", "deepspeed.offload_param": "true"})
+
+    def total(overrides: dict[str, str]) -> float:
+        changed = copy.deepcopy(cfg)
+        for key, value in overrides.items():
+            _apply_override(changed, f"{key}={value}")
+        return make_plan(changed, hw, vocab).total
+
+    def entry(overrides: dict[str, str], t: float) -> dict[str, Any]:
+        return {"change": [f"{k}={v}" for k, v in overrides.items()], "total": t, "fits": t <= hw.gpu_memory}
+
+    fitting = []
+    for overrides in candidates:
+        if "train.micro_batch_size" in overrides and any("train.micro_batch_size=" in c for f in fitting
+                                                         for c in f["change"]):  # fmt: skip
+            continue  # the largest micro batch that fits is the one worth naming
+        t = total(overrides)
+        if t <= hw.gpu_memory:
+            fitting.append(entry(overrides, t))
+    if fitting:
+        return fitting
+    combined: dict[str, str] = {}
+    best = plan.total
+    for overrides in candidates:  # cumulatively, keeping each change that lowers the peak
+        t = total(combined | overrides)
+        if t < best:
+            combined, best = combined | overrides, t
+            if t <= hw.gpu_memory:
+                break
+    return [entry(combined, best)] if combined else []
+
+
+def render(plan: Plan, source: str = "") -> str:
+    hw, a = plan.hardware, plan.arch
+    lines = [
+        f"plan for {source or 'the config'}: {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s), "
+        f"{hw.gpu_memory / GiB:.0f} GiB each",
+        f"model: {a['parameters'] / 1e9:.3f}B parameters, {a['trainable'] / 1e9:.4f}B trainable; ZeRO-{a['zero_stage']}"
+        f"{', optimizer offload' if a['offload_optimizer'] else ''}"
+        f"{', parameter offload' if a['offload_param'] else ''}"
+        f"; {a['dtype']}; gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}; "
+        f"fused loss {'on' if a['fused_loss'] else 'off'}; {a['tokens_per_micro_batch']} tokens per micro batch",
+        "",
+        "per GPU                                  GiB",
+    ]
+    lines += [f"  {name:<38} {value / GiB:8.2f}" for name, value in plan.items.items()]
+    lines.append(f"  {'total (predicted peak)':<38} {plan.total / GiB:8.2f}   of {hw.gpu_memory / GiB:.0f}: "
+                 + ("fits" if plan.fits else "DOES NOT FIT"))  # fmt: skip
+    if plan.host:
+        lines.append("host, per rank: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.host.items()))
+    lines.append(f"step: {plan.tokens_per_step} tokens, about {plan.step_time_s:.2f} s at {hw.mfu:.0%} MFU of "
+                 f"{hw.peak_tflops:.0f} TFLOPS per GPU")  # fmt: skip
+    lines += [f"note: {n}" for n in plan.notes]
+    if plan.suggestions:
+        lines.append("changes that make it fit (cheapest first):" if plan.suggestions[0]["fits"]
+                     else "no change found that fits; the closest:")  # fmt: skip
+        lines += [f"  {' '.join(s['change'])}  ->  {s['total'] / GiB:.2f} GiB" for s in plan.suggestions]
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The memory planner: hand-computed cases, calibration against the recorded measurements (CPU tensor accounting
+within 5%, H100 peaks within 15%), suggestions that fit, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+
+import pytest
+
+from benchmarks.memory_case import PRESETS
+from distributed_pt.config import (
+    DataConfig,
+    DeepSpeedConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    SFTConfig,
+    TrainConfig,
+    _apply_override,
+    load_config,
+)
+from distributed_pt.engine.planner import (
+    Arch,
+    GiB,
+    Hardware,
+    ZeroSettings,
+    buffers,
+    frozen_bytes,
+    make_plan,
+    model_states,
+    suggest,
+)
+from tests.conftest import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results"
+B = 1_000_000_000
+
+
+def _arch(params: int, trainable: int, persistent: int = 0, straddle: int | None = None) -> Arch:
+    return Arch(params=params, trainable=trainable, layers=32, hidden=4096, intermediate=14336, kv_dim=1024,
+                vocab=128256, linear_weights=params, persistent=persistent,
+                grad_partition_max={8: straddle or trainable // 8})  # fmt: skip
+
+
+def _zero(stage: int, offload_optimizer: bool = False, offload_param: bool = False) -> ZeroSettings:
+    return ZeroSettings(stage, offload_optimizer, offload_param, 5e8, 5e7, True)
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload", "gpu", "host"),
+    [
+        (0, False, (2, 2, 12), {}),  # the ZeRO paper's 16 bytes per parameter
+        (1, False, (2, 2 / 8, 12 / 8), {}),  # DeepSpeed's stage 1 partitions gradients too
+        (2, False, (2, 2 / 8, 12 / 8), {}),
+        (3, False, (2 / 8, 2 / 8, 12 / 8), {}),
+        (2, True, (2, 2 / 8, 0), {"optimizer states": 12 / 8, "fp32 gradients": 4 / 8}),
+    ],
+)
+def test_model_states_by_hand_for_full_fine_tuning(stage, offload, gpu, host):
+    """1B parameters, all trained, bf16, 8 GPUs: bytes per GPU in units of 1e9."""
+    got, got_host = model_states(_arch(B, B), _zero(stage, offload), 8, 2)
+    assert [got[k] / B for k in ("parameters", "gradients", "optimizer states")] == pytest.approx(list(gpu))
+    assert {k: v / B for k, v in got_host.items()} == pytest.approx(host)
+
+
+def test_lora_straddling_persistent_and_parameter_offload():
+    # LoRA: 1B frozen + 10M adapters, ZeRO-2: all weights, adapter gradients and optimizer states / 8
+    gpu, _ = model_states(_arch(B + 10**7, 10**7), _zero(2), 8, 2)
+    assert gpu == pytest.approx(
+        {"parameters": 2 * (B + 1e7), "gradients": 2 * 1e7 / 8, "optimizer states": 12 * 1e7 / 8}
+    )
+    # a parameter straddling two partitions is held whole by both ranks (ZeRO-1/2)
+    gpu, _ = model_states(_arch(B, B, straddle=300_000_000), _zero(2), 8, 2)
+    assert gpu["gradients"] == 2 * 300_000_000
+    # ZeRO-3: small parameters stay whole on every rank; with parameter offload only they stay on the GPU
+    gpu, host = model_states(_arch(B, B, persistent=1_000_000), _zero(3, True, True), 8, 2)
+    assert gpu["parameters"] == 2 * 1_000_000 and host["parameters"] == 2 * (B / 8 + 1_000_000)
+    assert frozen_bytes(_arch(B, 0), _zero(2), 8, 2, offload=False) == 2 * B
+    assert frozen_bytes(_arch(B, 0, persistent=10), _zero(3), 8, 2, offload=False) == 2 * (B / 8 + 10)
+    assert buffers(_zero(2), 2, 1) == 2 * 2 * 5e8  # two reduce buckets with overlap_comm, whatever the model's size
+
+
+def _bench_cfg(size: str, zero: int, provider: str, seq: int, ckpt: bool, offload: bool = False) -> SFTConfig:
+    init = {"model_type": "llama", **PRESETS[size], "max_position_embeddings": max(seq, 128)}
+    return SFTConfig(
+        model=ModelConfig(init_config=init, dtype="bf16", gradient_checkpointing=ckpt),
+        data=DataConfig(max_length=seq),
+        train=TrainConfig(micro_batch_size=1),
+        lora=LoraConfig(enabled=provider != "full", r=16, alpha=32),
+        loss=LossConfig(fused="true" if provider == "lora_fused" else "false"),
+        deepspeed=DeepSpeedConfig(
+            config=f"configs/deepspeed/zero{zero}.json", zero_stage=zero, offload_optimizer=offload or None
+        ),  # fmt: skip
+    )
+
+
+def test_model_states_match_the_cpu_tensor_accounting():
+    """Every ok case of `bench_memory.py --cpu` (ZeRO 0-3, optimizer offload, LoRA and full, a tied embedding that
+    straddles a partition): the planner's model states (GPU + host) within 5% of the counted tensors."""
+    records = [r for r in json.loads((RESULTS / "bench_memory_cpu.json").read_text())
+               if r["status"] == "ok" and r["metric"] == "model_state"]  # fmt: skip
+    assert len(records) >= 30
+    for r in records:
+        cfg = _bench_cfg(r["size"], r["zero"], r["provider"], r["seq"], r["ckpt"] == "on", r["offload"] == "on")
+        plan = make_plan(cfg, Hardware(gpus_per_node=r["world"]))
+        states = sum(plan.items[k] for k in ("parameters", "gradients", "optimizer states")) + sum(plan.host.values())
+        assert states / 2**20 == pytest.approx(r["value"], rel=0.05), (r["case"], r["provider"])
+
+
+def test_peaks_match_the_h100_records():
+    """Every case `bench_memory.py` measured on the H100 (bf16, seq 2048, gradient checkpointing, ZeRO-2/3, full,
+    LoRA and LoRA + fused kernels): predicted peak within 15% of torch's max allocated; the case that ran out of
+    memory is predicted not to fit in 80 GB."""
+    cases: dict[tuple, dict] = defaultdict(dict)
+    for r in json.loads((RESULTS / "bench_memory_h100.json").read_text()):
+        cases[(r["size"], r["zero"], r["provider"], r["seq"], r["ckpt"])][r["metric"]] = r["value"]
+        cases[(r["size"], r["zero"], r["provider"], r["seq"], r["ckpt"])]["status"] = r["status"]
+    checked = 0
+    for (size, zero, provider, seq, ckpt), values in cases.items():
+        plan = make_plan(_bench_cfg(size, zero, provider, seq, ckpt == "on"), Hardware(gpus_per_node=1))
+        if values["status"] == "ok":
+            assert plan.total / GiB == pytest.approx(values["peak_alloc"], rel=0.15), (size, zero, provider)
+            checked += 1
+        elif values["status"] == "oom":
+            assert plan.total > 80e9, (size, zero, provider)
+    assert checked >= 17
+
+
+def test_a_config_that_cannot_fit_gets_suggestions_that_do():
+    cfg = _bench_cfg("8b", 2, "full", 2048, ckpt=False)
+    hw = Hardware(gpus_per_node=2, gpu_memory=80 * GiB)
+    plan = make_plan(cfg, hw)
+    assert not plan.fits  # 2 + 14/2 bytes per parameter of 8B, plus activations without checkpointing
+    suggestions = suggest(cfg, hw, plan)
+    assert suggestions and all(s["fits"] and s["total"] <= hw.gpu_memory for s in suggestions)
+    changes = [" ".join(s["change"]) for s in suggestions]
+    assert "deepspeed.zero_stage=3" in changes and "lora.enabled=true lora.r=16" in changes
+    for s in suggestions:  # each suggestion, applied to the config, plans as it said
+        changed = copy.deepcopy(cfg)
+        for item in s["change"]:
+            _apply_override(changed, item)
+        assert make_plan(changed, hw).total == s["total"] <= hw.gpu_memory
+
+
+def test_every_stage_config_plans():
+    """Each bundled stage config plans (PPO: actor, critic, reference, reward model and the KV cache)."""
+    for name in ("sft", "rm", "ppo", "grpo", "dpo"):
+        plan = make_plan(load_config(ROOT / "configs" / f"{name}_tiny.yaml", ["model.path=null",
+                         "model.init_config={model_type: llama, hidden_size: 64, intermediate_size: 176, "
+                         "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}"]),
+                         Hardware(gpus_per_node=2), vocab=600)  # fmt: skip
+        assert plan.fits and plan.total > 0, name
+        if name == "ppo":
+            assert {"reference model", "reward model", "critic (weights, gradients, optimizer)"} <= set(plan.items)
+
+
+def test_cli_json(capsys):
+    from distributed_pt.plan import main
+
+    main(["configs/sft_tiny.yaml", "--gpus-per-node", "2", "--gpu-memory", "1GiB", "--json", "model.path=null",
+          "model.init_config={model_type: llama, hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, "
+          "num_attention_heads: 4}"])  # fmt: skip
+    record = json.loads(capsys.readouterr().out)
+    assert record["fits"] is False and record["suggestions"] and record["hardware"]["gpu_memory"] == GiB
