@@ -41,7 +41,7 @@ import numpy as np
 from distributed_pt import dist
 from distributed_pt.data.io import DataError, Row, files_sha256, iter_rows, resolve, row_json, tokenizer_digest
 
-FORMAT_VERSION = 3  # bump when the cache layout or a tokenization rule changes
+FORMAT_VERSION = 4  # bump when the cache layout or a tokenization rule changes
 ROWS_PER_WORKER = 2000  # a tokenization worker per this many rows at most: a process costs more than small data
 
 

@@ -2,9 +2,9 @@
 
 Row kinds (in any file form `data.io` reads), tokenized by the same rules as SFT (`data.sft`):
   * ``{"prompt": str, "chosen": str, "rejected": str}`` → tok(prompt) + tok(answer) + [eos] for each answer;
-  * ``{"chosen": [messages], "rejected": [messages]}`` → each conversation rendered with the chat template; the
-    prompt is the conversation before the final assistant message (rendered with the generation prompt) when both
-    sides share it, else the tokens the two sides share from the start.
+  * ``{"chosen": [messages], "rejected": [messages]}`` → each conversation rendered with the chat template, up to
+    its last end token (where SFT labels end); the prompt is the conversation before the final assistant message
+    (rendered with the generation prompt) when both sides share it, else the tokens the two sides share from the start.
 An optional numeric ``"margin"`` is read when ``reward.use_margin`` is set. Pairs identical after tokenization and
 truncation carry no preference: they are dropped and counted. `load_preference_data` tokenizes once into an Arrow
 cache (`data.dataset`) that every rank memory-maps.
@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from distributed_pt.data.collate import pad
 from distributed_pt.data.dataset import DatasetStats, Recipe, TokenizedDataset, load_cached
 from distributed_pt.data.io import DataError, Row
-from distributed_pt.data.sft import check_messages, encode_prompt, render_chat, truncate
+from distributed_pt.data.sft import check_messages, encode_prompt, render_chat, truncate, turn_end
 
 IDENTICAL = "identical chosen and rejected"  # why DatasetStats drops a pair
 
@@ -56,8 +57,14 @@ def encode_pair(tokenizer, row: Row, use_margin: bool) -> tuple[list[int], list[
         margin = float(d["margin"])
     if isinstance(d["chosen"], list) or isinstance(d["rejected"], list):
         chats = [check_messages(d[k], row.where, k) for k in ("chosen", "rejected")]
-        chosen, rejected = (render_chat(tokenizer, c) for c in chats)
-        return chosen, rejected, margin, _chat_prompt_length(tokenizer, chats, chosen, rejected)
+        try:
+            # Each side ends with its last turn's end token, as a rollout ends with EOS (a reward model reads the
+            # last token): not with the newline ChatML templates write after <|im_end|>.
+            rendered = [render_chat(tokenizer, c) for c in chats]
+            chosen, rejected = (ids[: turn_end(tokenizer, ids)] for ids in rendered)
+            return chosen, rejected, margin, _chat_prompt_length(tokenizer, chats, chosen, rejected)
+        except TemplateError as e:
+            raise DataError(f"{row.where}: the chat template failed on this conversation: {e}") from e
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(d.get(key), str):
             raise DataError(f"{row.where}: field '{key}' must be a string (or chosen/rejected message lists)")

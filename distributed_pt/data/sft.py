@@ -4,7 +4,9 @@ Row kinds (in any file form `data.io` reads):
   * ``{"prompt": str, "response": str}`` → ``tok(prompt)`` (with the tokenizer's own special tokens, e.g. BOS) then
     ``tok(response) + [eos]``; labels cover the response and the EOS.
   * ``{"messages": [{"role": ..., "content": ...}, ...]}`` → rendered with the tokenizer's chat template, or with
-    ``DEFAULT_CHAT_TEMPLATE`` when it has none; labels cover every assistant message (its content and end token).
+    ``DEFAULT_CHAT_TEMPLATE`` when it has none; labels cover every assistant message (its content and end token, not
+    the newline some templates write after that token). The generation prompt before each assistant message (what
+    `encode_prompt` gives at eval time) must be the row's prefix there, or the row is an error naming it.
 
 Truncation to ``max_length`` (``data.truncation``):
   * ``right`` (default): keep the first ``max_length`` tokens; a row left with no response token is dropped and counted.
@@ -20,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from jinja2 import TemplateError
 
 from distributed_pt.data.dataset import DatasetStats, Recipe, TokenizedDataset, load_cached, split_indices
 from distributed_pt.data.io import DataError, Row
@@ -88,21 +92,69 @@ def check_messages(messages, where: str, key: str) -> list[dict]:
 
 
 def _encode_chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
-    ids = render_chat(tokenizer, messages)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        if i == 0:
-            raise DataError(f"{where}: the conversation starts with an assistant message (nothing to respond to)")
-        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
-        end_ids = render_chat(tokenizer, messages[: i + 1])
-        if ids[: len(end_ids)] != end_ids:
-            raise DataError(
-                f"{where}: the chat template does not render a conversation as a prefix of its continuation"
-            )
-        labels[start : len(end_ids)] = ids[start : len(end_ids)]
+    try:
+        ids = render_chat(tokenizer, messages)
+        labels = [IGNORE_INDEX] * len(ids)
+        specials = special_ids(tokenizer)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            if i == 0:
+                raise DataError(f"{where}: the conversation starts with an assistant message (nothing to respond to)")
+            start, end = _answer_span(tokenizer, ids, messages, i, specials, where)
+            end = turn_end(tokenizer, ids, start, end, specials)
+            labels[start:end] = ids[start:end]
+    except TemplateError as e:  # the template's raise_exception (e.g. "roles must alternate"), or a broken template
+        raise DataError(f"{where}: the chat template failed on this conversation: {e}") from e
     return ids, labels
+
+
+def _answer_span(
+    tokenizer, ids: list[int], messages: list[dict], i: int, specials: set[int], where: str
+) -> tuple[int, int]:
+    """(start, end) of assistant message i's turn in `ids`, the whole conversation rendered: from the end of the
+    generation prompt before it to the end of the conversation rendered up to it."""
+    prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+    start = len(prompt)
+    if ids[:start] != prompt:
+        # Labels start at len(prompt), and eval prompts with `prompt`: both are wrong unless the row has it as its
+        # prefix. Mistral v0.3's template, for one, writes the system message into the last user message only, so
+        # a conversation that ends with an answer has none.
+        raise DataError(
+            f"{where}: the chat template's generation prompt for assistant message {i} is not how the whole "
+            "conversation renders the turns before it (use a template that renders them the same way)"
+        )
+    upto = render_chat(tokenizer, messages[: i + 1])
+    if ids[: len(upto)] == upto:
+        return start, len(upto)
+    # Qwen3's template writes an empty "<think>\n\n</think>\n\n" into a conversation's last assistant turn only, so
+    # the turn renders differently when it ends `upto`. Its end is the same: in `ids` the turn runs to the first end
+    # token after the prompt, and those tokens must be how the turn ends in `upto`.
+    last = turn_end(tokenizer, upto, start, len(upto), specials)
+    if upto[:start] == prompt and upto[last - 1] in specials and upto[last - 1] in ids[start:]:
+        end = ids.index(upto[last - 1], start) + 1
+        if end <= last and upto[last - (end - start) : last] == ids[start:end]:
+            return start, end
+    raise DataError(f"{where}: the chat template does not render a conversation as a prefix of its continuation")
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens, with added ones the special-token attributes do not list (Llama 3's <|eot_id|>)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+
+
+def turn_end(
+    tokenizer, ids: list[int], start: int = 0, end: int | None = None, specials: set[int] | None = None
+) -> int:
+    """`end` (default len(ids)) less the whitespace a chat template writes after a turn's end token (ChatML's
+    "<|im_end|>\\n", Gemma's "<end_of_turn>\\n"): a response ends with its end token, as generation stops at it.
+    `end` stays when no special token precedes that whitespace (a template whose turns end with a newline alone)."""
+    end = len(ids) if end is None else end
+    k = end
+    while k > start and tokenizer.decode(ids[k - 1 : k]).isspace():
+        k -= 1
+    return k if k > start and ids[k - 1] in (special_ids(tokenizer) if specials is None else specials) else end
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, policy: str, where: str):

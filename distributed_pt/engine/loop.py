@@ -19,6 +19,7 @@ A stage calls it like this, and keeps its own loop, `train_step`, eval and expor
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from distributed_pt import checkpoint, dist
 from distributed_pt.config import ConfigError, save_config, to_dict
 from distributed_pt.data.io import files_digest, tokenizer_digest
+from distributed_pt.engine.metrics import peak_memory_gib
+from distributed_pt.engine.planner import run_plan
 from distributed_pt.logging import RunLogger
 
 Metrics = dict[str, float]
@@ -98,6 +101,9 @@ class Run:
         self.state = State()
         self.client = resume(engines, cfg, self.state, inputs)
         self.logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=self.state.step)
+        self.plan = run_plan(cfg, dist.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size())))
+        if self.plan:
+            self.logger.log(self.plan, step=self.state.step)
         self.state.install_sigterm()
         self._stopping = False
         self._evaluate: Callable[[], Metrics] = dict
@@ -162,6 +168,12 @@ class Run:
     def finish(self, before: Metrics, after: Metrics) -> dict[str, Any]:
         """summary.json (held-out metrics before and after), W&B summary, teardown."""
         summary = {"stage": self.cfg.stage, "steps": self.state.step, "before": before, "after": after}
+        measured = dist.all_reduce_max(torch.tensor([peak_memory_gib()])).item()
+        summary["memory_gib"] = {
+            "planned_peak": self.plan.get("plan/peak_gib"),
+            "measured_peak": measured,
+            "measured": "torch max allocated" if torch.cuda.is_available() else "peak RSS (CPU: not comparable)",
+        }
         if dist.is_main():
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.logger.summary(after)

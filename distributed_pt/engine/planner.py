@@ -131,7 +131,11 @@ def hf_config(model: ModelConfig, vocab: int | None = None) -> Any:
             raise ConfigError(f"model.path: no config.json in '{model.path}' (or give model.preset to plan without it)")
         return AutoConfig.from_pretrained(model.path, local_files_only=True, trust_remote_code=model.trust_remote_code)
     if model.init_config is not None:
-        return config_of({"vocab_size": vocab or 32000, **model.init_config}, "model.init_config")
+        if vocab is None and "vocab_size" not in model.init_config:  # as the loader: the tokenizer's
+            from distributed_pt.models.loading import load_tokenizer
+
+            vocab = len(load_tokenizer(model))
+        return config_of({"vocab_size": vocab, **model.init_config}, "model.init_config")
     raise ConfigError("model: give model.preset, model.path or model.init_config")
 
 
@@ -428,3 +432,21 @@ def render(plan: Plan, source: str = "") -> str:
                      else "no change found that fits; the closest:")  # fmt: skip
         lines += [f"  {' '.join(s['change'])}  ->  {s['total'] / GiB:.2f} GiB" for s in plan.suggestions]
     return "\n".join(lines)
+
+
+def run_plan(cfg: Any, world: int, local_world: int) -> dict[str, float]:
+    """The plan of a starting run on its own hardware, as metrics ("plan/peak_gib", ...) to log beside the measured
+    `peak_mem_gib`, so every GPU run checks the planner. {} (and a printed reason) when it cannot be planned."""
+    from distributed_pt import dist
+
+    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+    hw = Hardware(gpus_per_node=local_world, nodes=max(1, world // local_world), gpu_memory=memory)
+    try:
+        plan = make_plan(cfg, hw)
+    except Exception as e:  # noqa: BLE001 - a plan is advice; it never stops a run
+        dist.print0(f"plan: not available ({type(e).__name__}: {e})")
+        return {}
+    states = sum(plan.items.get(k, 0.0) for k in ("parameters", "gradients", "optimizer states"))
+    dist.print0(f"plan: predicted peak {plan.total / GiB:.2f} GiB per GPU (model states {states / GiB:.2f} GiB); "
+                "measured: peak_mem_gib in the metrics")  # fmt: skip
+    return {"plan/peak_gib": plan.total / GiB, "plan/model_states_gib": states / GiB}
