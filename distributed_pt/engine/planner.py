@@ -22,7 +22,8 @@ or `model.init_config`, with LoRA applied as training would; everything else is 
 * **Logits**: none with the fused LM-head loss; else ``LOGIT_BYTES`` per token per vocabulary entry.
 * **Optimizer step**: fp32 gradients of this rank's partition while the step runs (the peak of full fine-tuning).
 * **Stage extras**: DPO's frozen reference; PPO's critic (a second trained model), reference and reward model;
-  GRPO's reference (beta > 0) and reward model; PPO/GRPO's generation KV cache.
+  GRPO's reference (beta > 0) and reward model; PPO/GRPO's generation KV cache (and, under ZeRO-3, the whole
+  policy gathered for generation).
 
 Peak = model states + buffers + extras + max(activations + logits, optimizer step, generation). The per-token
 constants are measured, not derived: they were fitted to `benchmarks/results/bench_memory_h100.json` (H100, bf16,
@@ -327,7 +328,9 @@ def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
             items["reward model"] = frozen_bytes(scorer, z, world, b, offload)
             notes.append("reward model and critic sized as the policy's architecture with a scalar head")
         rollout = section.rollout_batch_size * (section.num_generations if stage == "grpo" else 1)
-        phases["generation KV cache"] = rollout * seq * main.layers * 2 * main.kv_dim * b
+        kv_cache = rollout * seq * main.layers * 2 * main.kv_dim * b
+        gathered = b * main.params if z.stage >= 3 else 0.0  # ZeRO-3 gathers the whole policy once per rollout
+        phases["generation (KV cache, gathered weights)"] = kv_cache + gathered
     if stage == "ppo":
         critic = arch(cfg.model, dataclasses.replace(cfg.lora, enabled=False), (world,), head="score", vocab=vocab)
         critic_gpu, critic_host = model_states(critic, z, world, b)

@@ -164,3 +164,32 @@ def test_cli_json(capsys):
           "num_attention_heads: 4}"])  # fmt: skip
     record = json.loads(capsys.readouterr().out)
     assert record["fits"] is False and record["suggestions"] and record["hardware"]["gpu_memory"] == GiB
+
+
+EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_configs_are_valid_and_fit_the_hardware_they_name(path):
+    """Each example parses (and passes its stage's own checks), its preset builds on the meta device with the
+    documented parameter count, and the planner says it fits the hardware in its header, with the peak the header
+    quotes (so a planner change cannot leave a stale header)."""
+    import importlib
+    import re
+
+    from distributed_pt.config import STAGES
+    from distributed_pt.models.presets import build_meta_model, count_parameters, load_preset, preset_parameters
+
+    text = path.read_text()
+    hardware = re.search(r"^# hardware: --nodes (\d+) --gpus-per-node (\d+) --gpu-memory (\d+)GiB$", text, re.M)
+    quoted = re.search(r"^# plan: predicted peak ([0-9.]+) GiB per GPU", text, re.M)
+    assert hardware and quoted, "the header names its hardware and the planner's prediction"
+    cfg = load_config(path)
+    recipe = importlib.import_module(STAGES[cfg.stage].recipe)
+    if hasattr(recipe, "check_config"):
+        recipe.check_config(cfg)
+    assert count_parameters(build_meta_model(load_preset(cfg.model.preset))) == preset_parameters(cfg.model.preset)
+    nodes, gpus, memory = (int(g) for g in hardware.groups())
+    plan = make_plan(cfg, Hardware(gpus_per_node=gpus, nodes=nodes, gpu_memory=memory * GiB))
+    assert plan.fits
+    assert plan.total / GiB == pytest.approx(float(quoted.group(1)), abs=0.01)
