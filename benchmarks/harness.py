@@ -10,17 +10,12 @@ Re-render a saved result with::
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,33 +24,11 @@ _REPO = Path(__file__).resolve().parent.parent
 _RECORD_KEYS = ("bench", "case", "provider", "metric", "value", "unit")
 
 
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10, check=True)
-    return out.stdout.strip()
-
-
-@functools.lru_cache(maxsize=1)
 def env_info() -> dict[str, str]:
     """Device, library versions, git sha and date (UTC) of this run; computed once per process."""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"cpu: {platform.processor() or platform.machine()}"
-    info = {"device": device, "torch": torch.__version__}
-    for pkg in ("triton", "transformers", "deepspeed", "peft"):
-        try:  # metadata, not import: deepspeed's import is slow and noisy
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = "not installed"
-    info["cuda"] = torch.version.cuda or "none"
-    try:
-        info["git_sha"] = _git("rev-parse", "--short", "HEAD")
-        info["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
-    except (OSError, subprocess.SubprocessError):  # e.g. a copy of the tree without .git (a remote GPU machine)
-        info["git_sha"] = os.environ.get("BENCH_GIT_SHA", "unknown")
-        info["git_dirty"] = os.environ.get("BENCH_GIT_DIRTY", "unknown")
-    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return info
+    from distributed_pt.logging import environment
+
+    return dict(environment())
 
 
 def cuda_device(bench: str, device: str) -> str:

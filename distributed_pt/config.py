@@ -119,6 +119,9 @@ class DeepSpeedConfig:
     zero_stage: int | None = None
     offload_optimizer: bool | None = None
     offload_param: bool | None = None
+    # Cap ZeRO's gradient reduce bucket (allocated whole, twice with overlap_comm) at the trainable parameter count:
+    # LoRA's few million adapter parameters otherwise reserve 2 x 5e8 16-bit elements (1.9 GiB) per GPU.
+    fit_buckets: bool = True
 
 
 @dataclass

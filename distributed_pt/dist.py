@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ def init_distributed() -> None:
     setup_single_process_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    # DeepSpeed 0.19's ZeRO calls torch's all_gather_into_tensor, which warns on every call that it is deprecated:
+    # not ours to change, and read by users as an error.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     deepspeed.init_distributed()
 
 

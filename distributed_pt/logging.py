@@ -6,9 +6,14 @@ W&B mode `auto` is online when an API key is configured (`wandb login` or WANDB_
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import math
 import os
+import platform
+import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +114,37 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     return str(v)
+
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "transformers", "deepspeed", "triton", "datasets", "peft")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, str]:
+    """What a figure needs to be reproduced: device, library versions, git sha (and whether the tree had changes)
+    and date (UTC). Written into every run's summary.json and every benchmark record."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu: {platform.machine()}, {os.cpu_count()} cores (no GPU)"
+    info = {"device": device}
+    for pkg in PACKAGES:
+        try:  # metadata, not import: deepspeed's import is slow and noisy
+            info[pkg] = torch.__version__ if pkg == "torch" else metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = "not installed"
+    info["cuda"] = torch.version.cuda or "none"
+    try:
+        git = ["git", "-C", str(REPO)]
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=10, check=True)
+        info["git_sha"] = run([*git, "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run([*git, "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        info["git_dirty"] = "true" if dirty else "false"
+    except (OSError, subprocess.SubprocessError):  # e.g. a copy of the tree without .git (a lent GPU machine)
+        info["git_sha"] = os.environ.get("BENCH_GIT_SHA", "unknown")
+        info["git_dirty"] = os.environ.get("BENCH_GIT_DIRTY", "unknown")
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return info

@@ -76,6 +76,16 @@ def summary_table(results: dict[str, tuple[dict, float]]) -> str:
     return "\n".join(lines)
 
 
+def provenance() -> str:
+    """Device, date, git sha and versions: demo figures move with library versions (random init, kernels)."""
+    from distributed_pt.logging import PACKAGES, environment
+
+    env = environment()
+    versions = ", ".join(f"{p} {env[p]}" for p in PACKAGES)
+    dirty = " (uncommitted changes)" if env["git_dirty"] == "true" else ""
+    return f"{env['device']} · {env['date']} · git {env['git_sha']}{dirty} · {versions}"
+
+
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}"
 
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = run_stage(config, nproc, [])
         out = REPO / yaml.safe_load(config.read_text())["output_dir"]
         results[stage] = (json.loads((out / "summary.json").read_text()), seconds)
-    table = summary_table(results)
+    table = summary_table(results) + "\n\n" + provenance()
     (out.parent / "summary.md").write_text(table + "\n")
     print("\n" + table, flush=True)
 

@@ -17,7 +17,7 @@ LAYERS = {
     "engine": 4,
     "losses": 5, "rl": 5,
     "stages": 6,
-    "pipeline": 7, "train": 7,
+    "pipeline": 7, "train": 7, "plan": 7,
 }  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from distributed_pt.config import ConfigError, save_config, to_dict
 from distributed_pt.data.io import files_digest, tokenizer_digest
 from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.engine.planner import run_plan
-from distributed_pt.logging import RunLogger
+from distributed_pt.logging import RunLogger, environment
 
 Metrics = dict[str, float]
 
@@ -168,6 +168,7 @@ class Run:
     def finish(self, before: Metrics, after: Metrics) -> dict[str, Any]:
         """summary.json (held-out metrics before and after), W&B summary, teardown."""
         summary = {"stage": self.cfg.stage, "steps": self.state.step, "before": before, "after": after}
+        summary["environment"] = environment()
         measured = dist.all_reduce_max(torch.tensor([peak_memory_gib()])).item()
         summary["memory_gib"] = {
             "planned_peak": self.plan.get("plan/peak_gib"),

@@ -218,6 +218,7 @@ class ZeroSettings:
     reduce_bucket: float
     prefetch_bucket: float
     overlap_comm: bool
+    fit_buckets: bool = True
 
     @classmethod
     def of(cls, cfg: Any) -> ZeroSettings:
@@ -231,7 +232,7 @@ class ZeroSettings:
         get = {**DEEPSPEED_DEFAULTS, **zero}.get
         return cls(int(zero.get("stage", 0)), on("offload_optimizer"), on("offload_param"),
                    float(get("reduce_bucket_size")), float(get("stage3_prefetch_bucket_size")),
-                   bool(get("overlap_comm")))  # fmt: skip
+                   bool(get("overlap_comm")), cfg.deepspeed.fit_buckets)  # fmt: skip
 
 
 def model_states(a: Arch, z: ZeroSettings, world: int, dtype_bytes: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -269,13 +270,15 @@ def frozen_bytes(a: Arch, z: ZeroSettings, world: int, dtype_bytes: int, offload
 
 
 def buffers(z: ZeroSettings, dtype_bytes: int, trainable: int) -> float:
-    """Communication buffers DeepSpeed allocates whatever the model's size (ZeRO-1/2 reduce bucket(s); ZeRO-3's
-    reduce and prefetch buckets and its gathered working set)."""
+    """Communication buffers DeepSpeed allocates (ZeRO-1/2 reduce bucket(s); ZeRO-3's reduce and prefetch buckets and
+    its gathered working set). The reduce bucket is `reduce_bucket_size` elements whatever the model's size, unless
+    `deepspeed.fit_buckets` caps it at the trainable count (`engine.deepspeed.fit_reduce_bucket`)."""
     if z.stage == 0 or trainable == 0:
         return 0.0
+    bucket = min(z.reduce_bucket, trainable + trainable % 2) if z.fit_buckets else z.reduce_bucket
     if z.stage >= 3:
-        return dtype_bytes * (z.reduce_bucket + z.prefetch_bucket) + ZERO3_WORKING_SET
-    return dtype_bytes * z.reduce_bucket * (2 if z.overlap_comm else 1)
+        return dtype_bytes * (bucket + z.prefetch_bucket) + ZERO3_WORKING_SET
+    return dtype_bytes * bucket * (2 if z.overlap_comm else 1)
 
 
 def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int) -> float:

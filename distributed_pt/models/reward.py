@@ -8,6 +8,8 @@ read through `models.heads` (`token_scores` at every position, `sequence_rewards
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,9 +33,12 @@ def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     check_model_source(cfg)
     if cfg.path is not None:
         warn_remote_code(cfg, cfg.path, "model")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **kwargs
-        )
+        with quiet_transformers():  # its LOAD REPORT lists an SFT model's missing head as if it were a fault
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code, output_loading_info=True,
+                **kwargs,
+            )  # fmt: skip
+        report_loading(cfg.path, info)
     else:
         config = init_model_config(cfg, tokenizer)
         config.num_labels = 1
@@ -44,6 +49,31 @@ def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def report_loading(path: str, info: dict[str, list]) -> None:
+    """Say once, on rank 0 and in plain words, what loading `path` as a scalar-head model did not find."""
+    from distributed_pt import dist
+
+    missing = list(info.get("missing_keys", []))
+    if any(k.startswith("score.") for k in missing):
+        dist.print0(f"model: '{path}' has no scalar head yet (a causal LM, e.g. an SFT output): 'score' starts from "
+                    "random init, as expected for a new reward model or critic")  # fmt: skip
+    others = [k for k in missing if not k.startswith("score.")]
+    if others:
+        dist.print0(f"warning: '{path}' lacks {len(others)} weights, initialised at random: {', '.join(others[:8])}")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 REWARD_STATS = "reward_stats.json"  # beside a reward model: the eval reward mean/std that PPO normalises scores with

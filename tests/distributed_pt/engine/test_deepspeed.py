@@ -229,3 +229,21 @@ def test_schedule_drives_an_optimizer_to_min_lr():
 def test_no_warmup_starts_at_full_lr():
     f = lr_lambda(OptimConfig(warmup_steps=0, scheduler="linear", min_lr_ratio=0.0), total_steps=10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == 0.0
+
+
+def test_the_reduce_bucket_is_fitted_to_the_trainable_parameters():
+    """DeepSpeed allocates reduce_bucket_size elements (twice with overlap_comm) whatever trains: capped at the
+    trainable count (even) unless deepspeed.fit_buckets=false; ZeRO-0 has no bucket to fit."""
+    from distributed_pt.engine.deepspeed import FIT_BUCKETS, fit_reduce_bucket
+
+    def fitted(trainable: int, **ds) -> dict:
+        conf = build_ds_config(DeepSpeedConfig(config="configs/deepspeed/zero2.json", **ds), TrainConfig(),
+                               OptimConfig(), "bf16", 1)  # fmt: skip
+        fit_reduce_bucket(conf, trainable)
+        assert FIT_BUCKETS not in conf  # never reaches DeepSpeed
+        return conf["zero_optimization"]
+
+    assert fitted(3_000_001)["reduce_bucket_size"] == 3_000_002
+    assert fitted(10**10)["reduce_bucket_size"] == 5e8
+    assert fitted(1000, fit_buckets=False)["reduce_bucket_size"] == 5e8
+    assert fitted(1000, zero_stage=0)["reduce_bucket_size"] == 5e8
