@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,9 +50,12 @@ STAGE_ORDER = {"ppo": "sft,pairs,rm,ppo", "grpo": "sft,grpo", "dpo": "sft,pairs,
 def run_stage(config: Path, nproc: int, overrides: list[str]) -> float:
     from distributed_pt.dist import free_port
 
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), "--module", "distributed_pt.train", str(config), *overrides]  # fmt: skip
+    # --log_level error: the runner's "Unable to find hostfile" warning means one machine, which is the point here
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "error", "--num_gpus", str(nproc),
+           "--master_port", str(free_port()), "--module", "distributed_pt.train", str(config), *overrides]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: DeepSpeed warns when it has to guess
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     print(f"\n=== {config.name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
@@ -104,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs-prompts", default="distributed_pt/assets/demo/prompts_train.jsonl")
     parser.add_argument("--stages", help="comma-separated subset to run, in order (default: all of --rl's)")
     args = parser.parse_args(argv)
-    import torch
 
     from distributed_pt.data.sample_pairs import main as sample_pairs
 
