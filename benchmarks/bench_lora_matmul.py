@@ -3,7 +3,10 @@
 Providers, all computing dx (the layer's input needs a gradient, as inside a network):
 
 * ``floor``: the frozen base GEMMs alone, forward ``x Wᵀ`` and backward ``dx = dy W`` (cuBLAS); no LoRA.
-* ``ours``: ``lora_linear`` (Triton, rank-r update fused into both GEMMs' epilogues).
+* ``ours``: ``lora_linear`` as layers call it (``path="auto"``: the path `kernels.lora_matmul.choose_path` picks for
+  the shape).
+* ``ours_fused``: the Triton GEMMs with the rank-r update fused into their epilogues, on every shape.
+* ``ours_cublas``: cuBLAS GEMMs with the rank-r update accumulated in place (``addmm_``), on every shape.
 * ``torch``: naive LoRA in torch, ``x Wᵀ + s·(x Aᵀ) Bᵀ``.
 * ``peft``: PEFT's ``lora.Linear`` (``get_peft_model`` on a one-layer module, dropout 0).
 * ``full``: a fully trained linear (W requires grad, so backward also computes dW).
@@ -73,8 +76,8 @@ def _providers(
     def floor() -> None:
         F.linear(x, w).backward(dy)
 
-    def ours() -> None:
-        lora_linear(x, w, a, b, scale).backward(dy)
+    def ours(path: str = "auto") -> Callable[[], None]:
+        return lambda: lora_linear(x, w, a, b, scale, path=path).backward(dy)
 
     def naive() -> None:
         (F.linear(x, w) + F.linear(F.linear(x, a), b) * scale).backward(dy)
@@ -87,7 +90,9 @@ def _providers(
 
     return {
         "floor": (floor, [x]),
-        "ours": (ours, [x, a, b]),
+        "ours": (ours(), [x, a, b]),
+        "ours_fused": (ours("fused"), [x, a, b]),
+        "ours_cublas": (ours("cublas"), [x, a, b]),
         "torch": (naive, [x, a, b]),
         "peft": (peft_fn, [x, *peft_params]),
         "full": (full, [x, w_full]),

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from kernels._utils import INTERPRET
 
-__all__ = ["dropout_keep_mask", "lora_linear", "lora_linear_reference"]
+__all__ = ["choose_path", "dropout_keep_mask", "lora_linear", "lora_linear_reference"]
 
 # Tile configs of the fused GEMM, autotuned per (M bucket, P, Q, BLOCK_R) on a GPU.
 # GPU list: not measured config by config. The usual Hopper bf16 GEMM shapes (128/256-wide tiles, BLOCK_Q=64, 3-4
@@ -236,18 +236,36 @@ def _dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------------------
+# Paths, chosen per layer shape by ``lora_linear(path="auto")``: the fused Triton GEMM, or cuBLAS GEMMs with the
+# rank-r term accumulated in place into their output (``addmm_``: one extra pass over the (M, n) output, cheap when n
+# is small). On the H100 (bench_lora_matmul_h100.md, 2026-11-23) the fused kernel beat PEFT and naive torch on
+# 4096→4096 and 4096↔14336 but lost to both on the narrow-output 4096→1024 (0.91-1.82× PEFT): narrow outputs
+# (n < k / 2: GQA key/value projections) take the cuBLAS path. Not yet measured on a GPU with this choice.
+NARROW_OUTPUT = 0.5
+
+
+def choose_path(n: int, k: int) -> str:
+    """ "cublas" for narrow outputs (n < NARROW_OUTPUT * k), else "fused"."""
+    return "cublas" if n < NARROW_OUTPUT * k else "fused"
+
+
 class _LoRALinearFunction(torch.autograd.Function):
-    """Autograd for ``lora_linear`` on flattened inputs; ``weight`` never receives a gradient."""
+    """Autograd for ``lora_linear`` on flattened inputs; ``weight`` never receives a gradient. Both paths save only
+    ``x`` and ``xa`` (and the parameters)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale: float, p_drop: float, seed: int):  # noqa: ANN001
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale: float, p_drop: float, seed: int, fused: bool):  # noqa: ANN001
         # x: (M, k); weight: (n, k); lora_a: (r, k); lora_b: (n, r); bias: (n,) or None — all in x.dtype.
         xd = _dropout(x, p_drop, seed) if p_drop > 0.0 else x
         xa = torch.matmul(xd, lora_a.t())  # (M, r), cuBLAS
         del xd
-        y = _lora_matmul(x, weight.t(), xa, lora_b.t(), scale, bias)  # (M, n)
+        if fused:
+            y = _lora_matmul(x, weight.t(), xa, lora_b.t(), scale, bias)  # (M, n)
+        else:
+            y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.matmul(x, weight.t())
+            y.addmm_(xa, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, xa, weight, lora_a, lora_b)
-        ctx.scale, ctx.p_drop, ctx.seed = scale, p_drop, seed
+        ctx.scale, ctx.p_drop, ctx.seed, ctx.fused = scale, p_drop, seed, fused
         ctx.has_bias = bias is not None
         return y
 
@@ -258,8 +276,12 @@ class _LoRALinearFunction(torch.autograd.Function):
         need_dx, _, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         dx = da = db = dbias = None
         g = torch.matmul(dy, lora_b) if (need_dx or need_da) else None  # (M, r), cuBLAS
-        if need_dx:
+        if need_dx and ctx.fused:
             dx = _lora_matmul(dy, weight, g, lora_a, s, p_drop=p, seed=seed)  # (M, k)
+        elif need_dx and p > 0.0:  # the LoRA path's input gradient goes back through the same dropout mask
+            dx = torch.matmul(dy, weight).add_(_dropout(torch.matmul(g, lora_a).mul_(s), p, seed))
+        elif need_dx:
+            dx = torch.matmul(dy, weight).addmm_(g, lora_a, alpha=s)
         if need_da:
             xd = _dropout(x, p, seed) if p > 0.0 else x
             da = torch.matmul(g.t(), xd).mul_(s)  # (r, k)
@@ -267,7 +289,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             db = torch.matmul(dy.t(), xa).mul_(s)  # (n, r)
         if need_dbias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, None, da, db, dbias, None, None, None
+        return dx, None, da, db, dbias, None, None, None, None
 
 
 def lora_linear(
@@ -281,6 +303,7 @@ def lora_linear(
     training: bool = False,
     *,
     dropout_seed: int | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """LoRA linear layer ``y = x Wᵀ + scale·(dropout(x) Aᵀ) Bᵀ + bias`` with fused Triton GEMMs.
 
@@ -294,6 +317,8 @@ def lora_linear(
         dropout_p: dropout probability on the LoRA path's input (applied only when ``training``).
         training: whether dropout is active.
         dropout_seed: Philox seed of the dropout mask; None draws one from torch's CPU generator.
+        path: "fused" (the Triton GEMM with the LoRA term in its epilogue), "cublas" (cuBLAS GEMMs, the LoRA term
+            accumulated in place), or "auto" (`choose_path`: cuBLAS for narrow outputs).
 
     Returns:
         (..., n) output in x's dtype. Parameters in another dtype (e.g. fp32 LoRA weights with bf16 activations) are
@@ -308,6 +333,9 @@ def lora_linear(
     if weight.shape != (n, k) or lora_a.shape != (r, k) or lora_b.shape != (n, r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")  # fmt: skip
+    if path not in ("auto", "fused", "cublas"):
+        raise ValueError(f"path must be 'auto', 'fused' or 'cublas', got {path!r}")
+    fused = (choose_path(n, k) if path == "auto" else path) == "fused"
     p = float(dropout_p) if training else 0.0
     seed = 0
     if p > 0.0:
@@ -321,6 +349,7 @@ def lora_linear(
         float(scale),
         p,
         seed,
+        fused,
     )
     return y.reshape(*x.shape[:-1], n)
 

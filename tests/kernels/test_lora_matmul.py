@@ -35,10 +35,12 @@ def _inputs(x_shape, n, r, dtype, bias=True, seed=0):
     return x, weight, lora_a, lora_b, b, dy
 
 
-def _check_against_reference(x, weight, lora_a, lora_b, bias, dy, dtype, p=0.0, seed=None, mask=None):
+def _check_against_reference(
+    x, weight, lora_a, lora_b, bias, dy, dtype, p=0.0, seed=None, mask=None, path="auto"
+):  # fmt: skip
     """Run kernel and float64 reference on the same leaves; compare output and every gradient."""
     leaves = [t for t in (x, lora_a, lora_b, bias) if t is not None]
-    y = lora_linear(x, weight, lora_a, lora_b, SCALE, bias, p, True, dropout_seed=seed)
+    y = lora_linear(x, weight, lora_a, lora_b, SCALE, bias, p, True, dropout_seed=seed, path=path)
     assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == x.dtype
     y.backward(dy)
     grads = [t.grad for t in leaves]
@@ -57,11 +59,29 @@ def _check_against_reference(x, weight, lora_a, lora_b, bias, dy, dtype, p=0.0, 
         assert_close(got, ref, dtype, name)
 
 
+@pytest.mark.parametrize("path", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("x_shape,n,r", SHAPES, ids=lambda v: str(v))
-def test_matches_reference(x_shape, n, r, dtype, bias):
-    _check_against_reference(*_inputs(x_shape, n, r, dtype, bias), dtype)
+@pytest.mark.parametrize("x_shape,n,r", SHAPES + [((5, 33, 96), 24, 7)], ids=lambda v: str(v))
+def test_matches_reference(x_shape, n, r, dtype, bias, path):
+    _check_against_reference(*_inputs(x_shape, n, r, dtype, bias), dtype, path=path)
+
+
+def test_narrow_outputs_take_the_cublas_path(monkeypatch):
+    """GQA key/value shapes (n < k / 2), where the fused kernel lost to PEFT on the H100, go through cuBLAS with the
+    rank-r term added in place; the rest through the fused kernel."""
+    from kernels import lora_matmul
+
+    assert lora_matmul.choose_path(1024, 4096) == "cublas" and lora_matmul.choose_path(256, 2048) == "cublas"
+    assert lora_matmul.choose_path(4096, 4096) == "fused" and lora_matmul.choose_path(14336, 4096) == "fused"
+    assert lora_matmul.choose_path(4096, 14336) == "cublas"  # down_proj: 0.29 of its input
+    calls = []
+    monkeypatch.setattr(lora_matmul, "_lora_matmul", lambda *a, **k: calls.append(1) or a[0] @ a[1])
+    x, weight, lora_a, lora_b, bias, dy = _inputs((4, 96), 24, 7, torch.float32)
+    lora_linear(x, weight, lora_a, lora_b, SCALE, bias).backward(dy)
+    assert calls == []
+    with pytest.raises(ValueError, match="path must be"):
+        lora_linear(x, weight, lora_a, lora_b, SCALE, bias, path="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -92,13 +112,14 @@ def test_mixed_parameter_dtypes():
     assert_close(b32.grad, rb.grad, torch.bfloat16, "dB")
 
 
+@pytest.mark.parametrize("path", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dropout_matches_reference_with_same_mask(dtype):
-    # The mask is drawn for xAᵀ, redrawn for dA and regenerated in the dx epilogue: all three must agree.
+def test_dropout_matches_reference_with_same_mask(dtype, path):
+    # The mask is drawn for xAᵀ, redrawn for dA and regenerated for dx (fused: in its epilogue): all must agree.
     x, weight, lora_a, lora_b, bias, dy = _inputs((3, 37, 72), 130, 5, dtype)
     p, seed = 0.3, 1234
     mask = dropout_keep_mask((3 * 37, 72), p, seed, DEVICE)
-    _check_against_reference(x, weight, lora_a, lora_b, bias, dy, dtype, p=p, seed=seed, mask=mask)
+    _check_against_reference(x, weight, lora_a, lora_b, bias, dy, dtype, p=p, seed=seed, mask=mask, path=path)
 
 
 def test_dropout_off_in_eval_and_at_zero():
