@@ -11,7 +11,8 @@ Providers, all computing dx (the layer's input needs a gradient, as inside a net
 * ``peft``: PEFT's ``lora.Linear`` (``get_peft_model`` on a one-layer module, dropout 0).
 * ``full``: a fully trained linear (W requires grad, so backward also computes dW).
 
-Shapes are Llama-3-8B projections (4096→4096, 4096→14336, 14336→4096, 4096→1024) at 8192 and 16384 tokens with
+Shapes are Llama-3-8B projections (4096→4096, 4096→14336, 14336→4096, 4096→1024) and Llama-3.2-1B's key/value one
+(2048→256) at 8192 and 16384 tokens with
 r ∈ {8, 16, 64}. Metrics per case and provider: median time (ms), peak extra memory (MiB), and the time ratio to the
 floor and to PEFT. Target on one H100 at 8192 tokens, 4096→4096, r=16: floor 0.80 ms, torch 1.20 ms, PEFT 2.04 ms,
 ours within 1.10× of the floor.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from benchmarks.harness import cuda_device, make_record, measure, save_results
 
 BENCH = "bench_lora_matmul"
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (k, n)
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (2048, 256)]  # (k, n)
 TOKENS = [8192, 16384]
 RANKS = [8, 16, 64]
 DTYPE = torch.bfloat16

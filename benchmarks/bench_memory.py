@@ -3,10 +3,12 @@
 Llama-style models are built with random weights from size presets (``PRESETS``) through the framework's own path
 (``load_model`` → ``apply_lora`` → ``use_fused_loss`` → ``build_ds_config`` → ``initialize(Backbone(model))`` →
 ``lm_loss``). Providers (modes): ``full`` fine-tuning, ``lora`` (r=16 on all attention and MLP projections,
-torch path, logits + torch cross-entropy) and ``lora_fused`` (the Triton LoRA kernel + the fused LM-head
-cross-entropy). Cases: size × ZeRO stage × optimizer offload × gradient checkpointing at a sequence length and micro
-batch. Each case runs in fresh processes, one per rank (DeepSpeed engines do not free all memory on ``del``); a case
-that runs out of memory is recorded as not fitting (``fit`` = 0) and the sweep goes on.
+torch path, logits + torch cross-entropy), ``lora_fused`` (the Triton LoRA kernel + the fused LM-head
+cross-entropy) and ``peft`` (the peer: PEFT's ``get_peft_model`` with the same r, alpha and projections on the same
+model, logits + torch cross-entropy, same engine, data and seeds). Cases: size × ZeRO stage × optimizer offload ×
+gradient checkpointing at a sequence length and micro batch. Each case runs in fresh processes, one per rank
+(DeepSpeed engines do not free all memory on ``del``); a case that runs out of memory is recorded as not fitting
+(``fit`` = 0) and the sweep goes on.
 
 Per rank it records the model-state bytes actually held (``model_state_bytes``: parameters, gradients, optimizer
 state, counted tensor by tensor between backward and step), the ZeRO paper's prediction (``zero_model_state_bytes``)
@@ -17,13 +19,14 @@ Usage::
 
     python -m benchmarks.bench_memory                      # default GPU sweep (below) → benchmarks/results/
     python -m benchmarks.bench_memory --sizes 125m,1b,3b,8b --seq 2048 --micro-batch 1 --zero 0,1,2,3 \\
-        --modes full,lora,lora_fused --checkpointing both --offload both --out benchmarks/results
+        --modes full,lora,lora_fused,peft --checkpointing both --offload both --out benchmarks/results
     python -m benchmarks.bench_memory --cpu                # CPU sweep → bench_memory_cpu.json/.md/.png
 
-Default GPU sweep: sizes 125m, 1b, 3b, 8b × ZeRO 2, 3 × full, lora, lora_fused, with gradient checkpointing, no
-offload: 24 cases of 25–30 s each on one H100 (timed 2026-11-23: process start, random init on the GPU, DeepSpeed
-initialize, 2 warm-up + 3 timed steps; the first case also JIT-builds FusedAdam, ~40 s), ~12 min in all: more than one
-10-minute command, so the default ``--budget-min`` 9 skips the last cases; split the sizes over two commands. With
+Default GPU sweep: sizes 125m, 1b, 3b, 8b × ZeRO 2, 3 × all four modes, with gradient checkpointing, no offload:
+32 cases of 25–30 s each on one H100 (timed 2026-11-23 with the first three modes: process start, random init on the
+GPU, DeepSpeed initialize, 2 warm-up + 3 timed steps; the first case also JIT-builds FusedAdam, ~40 s), ~16 min in
+all: more than one 10-minute command, so the default ``--budget-min`` 9 skips the last cases; split the sizes over
+commands (``benchmarks/gpu_suite.sh`` runs 1b and 8b at ZeRO-2). With
 one GPU the stages cannot partition (N = 1): stages 0–2 predict the same 16Ψ. Offload cases are skipped above
 ``--offload-max-size`` (3b: DeepSpeedCPUAdam on 8B needs ~100 GB of pinned host memory and seconds per step). Cases
 still waiting when ``--budget-min`` runs out are recorded as skipped, so the command always ends with results.
@@ -58,7 +61,7 @@ from benchmarks.memory_case import PRESETS, Case, run_child
 BENCH = "bench_memory"
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "@@bench_memory@@"
-MODES = ("full", "lora", "lora_fused")
+MODES = ("full", "lora", "lora_fused", "peft")
 # On CPU the Triton kernels run interpreted: a step of "small" took 59 s (tiny: 2-6 s), so lora_fused runs on these
 # only, and without offload (with it, the same kernels; cut to keep the CPU sweep under 10 minutes).
 CPU_FUSED_SIZES = ("micro", "tiny")
@@ -287,8 +290,36 @@ def write_notes(md_path: Path, records: list[dict]) -> None:
         if r.get("status") != "ok" and key not in seen:
             seen.add(key)
             lines.append(f"- `{r['case']}` {r['provider']}: {r['status']}: {r.get('note', '')}")
+    lines += peer_ratios(records)
     with md_path.open("a") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def peer_ratios(records: list[dict]) -> list[str]:
+    """Markdown lines comparing our LoRA modes with the peers of the same case: tokens/s over ``full``'s and
+    ``peft``'s, and memory over ``peft``'s (CUDA: peak allocated; CPU: model state). Issue 18's goals: ≥ 1.3× full
+    at 1b, ≥ 1.3× peft at 8b, memory ≤ 1× peft. Empty when no case has a peer."""
+    value = {(r["case"], r["provider"], r["metric"]): r["value"] for r in records if r.get("status") == "ok"}
+    memory = "peak_alloc" if any(m == "peak_alloc" for _, _, m in value) else "model_state"
+
+    def ratio(case: str, ours: str, peer: str, metric: str) -> str:
+        a, b = value.get((case, ours, metric)), value.get((case, peer, metric))
+        return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        if not any((case, peer, "tokens_per_s") in value for peer in ("full", "peft")):
+            continue
+        for ours in ("lora", "lora_fused"):
+            if (case, ours, "tokens_per_s") in value:
+                cells = (ratio(case, ours, "full", "tokens_per_s"), ratio(case, ours, "peft", "tokens_per_s"))
+                cells += (ratio(case, ours, "peft", memory),)
+                rows.append(f"| {case} | {ours} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = ["", "## Our LoRA against the peers (same case, same run)", ""]
+    head += [f"| case | mode | tokens/s ÷ full | tokens/s ÷ peft | {memory} ÷ peft |", "|---|---|---:|---:|---:|"]
+    return head + rows
 
 
 def main(argv: list[str] | None = None) -> None:

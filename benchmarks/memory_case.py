@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -81,8 +82,9 @@ def is_oom(err: BaseException) -> bool:
     )
 
 
-def _build(case: Case, device: torch.device, lora: bool):
-    """The model as users build it: load_model from an init_config, LoRA, fused loss. Returns (model, fused)."""
+def _build(case: Case, device: torch.device):
+    """The model as users build it: load_model from an init_config, then per mode our LoRA (+ the fused loss) or
+    PEFT's. Returns (model, fused)."""
     from distributed_pt.config import LoraConfig, ModelConfig
     from distributed_pt.models.heads import use_fused_loss
     from distributed_pt.models.loading import load_model
@@ -93,13 +95,36 @@ def _build(case: Case, device: torch.device, lora: bool):
     cfg = ModelConfig(init_config=init, dtype=case.dtype, gradient_checkpointing=case.ckpt)
     with device:  # random init where the model will live (8B on CPU first would take minutes)
         model = load_model(cfg, _VocabOnly(preset["vocab_size"]))
-        if lora:
+        if case.mode == "peft":
+            model = with_peft_lora(model)
+        elif case.mode != "full":
             kernel = "triton" if case.mode == "lora_fused" else "torch"
             apply_lora(model, LoraConfig(enabled=True, r=LORA_R, alpha=2.0 * LORA_R, kernel=kernel))
             if case.ckpt:
                 prepare_for_gradient_checkpointing(model)
     fused = case.mode == "lora_fused" and use_fused_loss("true", model)
     return model, fused
+
+
+def with_peft_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's LoRA as its users apply it (r=16, alpha=32, no dropout, on the projections our LoRA targets), returning
+    the HF model inside the PeftModel with PEFT's ``lora.Linear`` layers in place.
+
+    ``Backbone`` needs the HF ``*ForCausalLM`` (``base_model`` → the body, ``get_output_embeddings`` → the head): a
+    PeftModel's ``base_model`` is its LoraModel, whose forward returns logits. ``get_peft_model`` freezes the base,
+    casts the adapters to float32 (``autocast_adapter_dtype``; DeepSpeed's bf16 engine casts them back) and, as the
+    model has gradient checkpointing on, calls ``enable_input_require_grads`` itself.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from distributed_pt.config import LoraConfig
+
+    targets = list(LoraConfig().target_modules)  # the 7 attention and MLP projections, as for the lora modes
+    cfg = PeftLoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=targets, lora_dropout=0.0)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, cfg).base_model.model
 
 
 def _engine(case: Case, device: torch.device):
@@ -110,7 +135,7 @@ def _engine(case: Case, device: torch.device):
     from distributed_pt.models.heads import Backbone
 
     torch.manual_seed(0)  # the same weights on every rank
-    model, fused = _build(case, device, case.mode != "full")
+    model, fused = _build(case, device)
     offload = True if case.offload else None  # None keeps the JSON's setting (none)
     ds = DeepSpeedConfig(
         config=f"configs/deepspeed/zero{case.zero}.json", zero_stage=case.zero, offload_optimizer=offload
@@ -132,7 +157,7 @@ def _measure(case: Case, steps: int, mem_cap_gib: float | None, out: dict) -> No
 
     cuda = torch.cuda.is_available()
     preset = PRESETS[case.size]
-    meta, _ = _build(case, torch.device("meta"), case.mode != "full")  # exact counts before any memory is spent
+    meta, _ = _build(case, torch.device("meta"))  # exact counts before any memory is spent
     n_trainable, n_params = count_trainable(meta)
     flops = flops_per_token(meta, case.seq)
     predicted = zero_model_state_bytes(n_params, case.zero, case.world, n_trainable, case.dtype)

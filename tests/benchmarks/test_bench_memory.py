@@ -105,3 +105,55 @@ def test_harness_renders_the_table_plot_and_notes(tmp_path):
     # columns: each metric for full then lora: model state, predicted, ratio (lora did not fit: n/a)
     assert row.split(" | ")[1:6] == ["0.0984", "n/a", "0.0984", "n/a", "1"]
     assert png.stat().st_size > 1000
+
+
+# LoRA r=16 on the micro preset's 7 projections: r * (in + out) each; q/o 16→16, k/v 16→8, gate/up 16→32, down 32→16.
+MICRO_LORA = 16 * ((16 + 16) * 2 + (16 + 8) * 2 + (16 + 32) * 3)
+
+
+def test_peft_mode_trains_the_same_adapters_as_ours_through_the_engine():
+    """peft and lora at micro, ZeRO-2, checkpointing on: same trainable count, same model state, peer ratios."""
+    plan = [(bm.Case("micro", 32, 1, 2, False, True, 1, mode), None) for mode in ("lora", "peft")]
+    records = bm.sweep(
+        plan, bench="bench_memory_test", steps=1, mem_cap_gib=None, case_timeout_s=180, budget_s=600, cpu=True
+    )
+    state = {r["provider"]: r for r in records if r["metric"] == "model_state"}
+    assert state["peft"]["status"] == "ok", state["peft"]
+    assert state["peft"]["n_trainable"] == state["lora"]["n_trainable"] == MICRO_LORA == 4096
+    assert state["peft"]["n_params"] == state["lora"]["n_params"] == MICRO_PARAMS + MICRO_LORA
+    assert state["peft"]["value"] > 0
+    assert state["peft"]["value"] == state["lora"]["value"]  # bf16 weights and adapters, fp32 Adam state: same bytes
+    lines = bm.peer_ratios(records)
+    assert "| lora | n/a | " in next(line for line in lines if "| lora |" in line)  # no full in this run
+    assert any("model_state ÷ peft" in line for line in lines)
+
+
+def test_peft_model_has_peft_layers_the_same_start_and_gradients_under_checkpointing():
+    """PEFT's lora.Linear layers stay in place inside the HF model that Backbone wraps; with the same seed the model
+    starts where ours does (B = 0), and every adapter B gets a gradient through (non-reentrant) checkpointing."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    from distributed_pt.data.collate import Batch
+    from distributed_pt.engine.metrics import flops_per_token
+    from distributed_pt.models.heads import Backbone, lm_loss
+
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    batch = Batch(ids, torch.ones_like(ids), labels)
+    losses, flops = {}, {}
+    for mode in ("lora", "peft"):
+        torch.manual_seed(0)
+        case = bm.Case("micro", 32, 2, 2, False, True, 1, mode, "fp32")
+        model, fused = memory_case._build(case, torch.device("cpu"))
+        assert not fused and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        loss = lm_loss(Backbone(model).train(), batch, fused)
+        loss.backward()
+        losses[mode] = loss.item()
+        flops[mode] = flops_per_token(memory_case._build(case, torch.device("meta"))[0], case.seq)
+    layers = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+    assert len(layers) == 7
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert all(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in layers)
+    assert losses["peft"] == pytest.approx(losses["lora"], abs=1e-6)
+    assert flops["peft"] == flops["lora"]  # MFU counts the same matmuls
