@@ -86,7 +86,13 @@ def main(cfg: GRPOConfig) -> dict:
         check_same_tokenizer(tokenizer, grpo.reward_model, "grpo.reward_model")
         attn = cfg.model.attn_implementation
         rm = load_reward_model(
-            ModelConfig(path=grpo.reward_model, dtype=cfg.model.dtype, attn_implementation=attn), tokenizer
+            ModelConfig(
+                path=grpo.reward_model,
+                dtype=cfg.model.dtype,
+                attn_implementation=attn,
+                trust_remote_code=cfg.model.trust_remote_code,
+            ),
+            tokenizer,
         )
         reward = frozen_engine(Backbone(rm), stage_ds_config(cfg), offload=False)
         rm_stats = load_reward_stats(grpo.reward_model) or rm_stats

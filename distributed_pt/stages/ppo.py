@@ -257,8 +257,9 @@ def build_models(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase) -> RLModels
         reference = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), tokenizer)
     dist.print0(f"reference: {'the actor with LoRA adapters off' if reference is None else 'a frozen copy'}")
     rm_cfg = ModelConfig(
-        path=ppo.reward_model, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation
-    )
+        path=ppo.reward_model, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )  # fmt: skip
     critic_cfg = dataclasses.replace(  # without an RM the critic starts from the actor's weights, a fresh head
         rm_cfg, path=ppo.critic_path or ppo.reward_model or cfg.model.path,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
