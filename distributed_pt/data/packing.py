@@ -98,3 +98,36 @@ def collate_packed_pairs(rows: list[list], pad_id: int) -> tuple[Batch, torch.Te
     pos = torch.stack([torch.cat([sample_positions(n), torch.arange(width - sum(n))]) for _, n in seqs])
     at_t = torch.tensor(at).view(-1, 2, 2)
     return Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), pos), at_t[:, 0], at_t[:, 1], torch.tensor(margins)
+
+
+def collate_packed_dpo(rows: list[list], pad_id: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """Packed preference pairs for DPO (each row a list of `PairExample`s; a pair's chosen then rejected sequence,
+    each its own sample). Returns (batch, response (R, T) bool, segment (R, T)), numbered as `collate_dpo_pairs`:
+    with P pairs in row order, pair p's chosen side is segment p and its rejected side P + p (padding: -1). A
+    response position is one at or past its side's prompt_length, never a sample's first token (it has nothing
+    before it in its own sample to be predicted from)."""
+    total = sum(len(row) for row in rows)
+    seqs, responses, segments, lengths = [], [], [], []
+    p = 0
+    for row in rows:
+        flat: list[int] = []
+        response: list[bool] = []
+        segment: list[int] = []
+        row_lengths = []
+        for pair in row:
+            for side, seg in ((pair.chosen, p), (pair.rejected, total + p)):
+                flat += side
+                response += [j >= max(pair.prompt_length, 1) for j in range(len(side))]
+                segment += [seg] * len(side)
+                row_lengths.append(len(side))
+            p += 1
+        seqs.append(flat)
+        responses.append(response)
+        segments.append(segment)
+        lengths.append(row_lengths)
+    ids, mask = pad(seqs, pad_id)
+    width = ids.size(1)
+    pos = torch.stack([torch.cat([sample_positions(n), torch.arange(width - sum(n))]) for n in lengths])
+    response_t = pad([[int(r) for r in resp] for resp in responses], 0)[0].bool()
+    segment_t = pad(segments, -1)[0]
+    return Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX), pos), response_t, segment_t

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 
-from distributed_pt.data.collate import pad
+from distributed_pt.data.collate import Batch, pad
 from distributed_pt.data.dataset import DatasetStats, Recipe, TokenizedDataset, load_cached
 from distributed_pt.data.io import DataError, Row
-from distributed_pt.data.sft import check_messages, encode_prompt, render_chat, truncate, turn_end
+from distributed_pt.data.sft import IGNORE_INDEX, check_messages, encode_prompt, render_chat, truncate, turn_end
 
 IDENTICAL = "identical chosen and rejected"  # why DatasetStats drops a pair
 
@@ -201,10 +201,13 @@ def collate_pairs(pairs: list[PairExample], pad_id: int):
     return ids, mask, torch.tensor([p.margin for p in pairs])
 
 
-def collate_dpo_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`collate_pairs`' 2B rows (chosen, then rejected) and which positions hold response tokens: (input_ids (2B, T),
-    attention_mask (2B, T), response_mask (2B, T) bool: position j with prompt_length <= j < the side's length)."""
+def collate_dpo_pairs(pairs: list[PairExample], pad_id: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """`collate_pairs`' 2B right-padded rows (chosen, then rejected) for DPO. Returns (batch, response (2B, T) bool:
+    position j with prompt_length <= j < the side's length, segment (2B, T): the sequence each position belongs to,
+    0..B-1 the chosen sides and B..2B-1 the rejected ones, as `data.packing.collate_packed_dpo` numbers them)."""
     ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     starts = torch.tensor([p.prompt_length for p in pairs] * 2)
     positions = torch.arange(ids.size(1))
-    return ids, mask, (positions >= starts[:, None]) & mask.bool()
+    response = (positions >= starts[:, None]) & mask.bool()
+    segment = torch.arange(len(ids))[:, None].expand_as(ids)
+    return Batch(ids, mask, torch.full_like(ids, IGNORE_INDEX)), response, segment

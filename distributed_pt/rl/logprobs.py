@@ -14,39 +14,45 @@ from distributed_pt.models.lora import adapters_disabled
 
 
 def token_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, fused: bool
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    temperature: float,
+    fused: bool,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_{t+1} | x_{<=t}) and entropy at each position t, (B, T-1) float32, of a Backbone (or its engine);
-    `fused`: from the LM-head kernel, without full logits."""
+    `fused`: from the LM-head kernel, without full logits. Packed rows: no attention mask, `position_ids` restarting
+    at each sample."""
     head = partial(lm_head_logprobs, input_ids=input_ids, temperature=temperature, fused=fused)
-    return model(input_ids, attention_mask, head=head)
+    return model(input_ids, attention_mask, head=head, position_ids=position_ids)
 
 
 def reference_logprobs(
     actor: nn.Module,
     reference: nn.Module | None,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     temperature: float,
     fused: bool,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, T-1) log-probs of the frozen reference: its own engine, or (None) the LoRA actor with adapters off, in
     eval mode (no dropout: the reference is a fixed function)."""
     model = reference or actor
     with adapters_disabled(actor) if reference is None else nullcontext(), evaluating(model):
-        return token_logprobs(model, input_ids, attention_mask, temperature, fused)[0]
+        return token_logprobs(model, input_ids, attention_mask, temperature, fused, position_ids)[0]
 
 
-def sequence_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, fused: bool
+def segment_sums(
+    values: torch.Tensor, response: torch.Tensor, segment: torch.Tensor, num_segments: int
 ) -> torch.Tensor:
-    """(B,) float32 sum of log pi over each row's response tokens (response_mask (B, T) marks them, unshifted)."""
-    return masked_sum(token_logprobs(model, input_ids, attention_mask, 1.0, fused)[0], response_mask)
-
-
-def masked_sum(logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of (B, T-1) per-position log-probs over the response tokens they predict (mask (B, T))."""
-    return (logp * response_mask[:, 1:]).sum(1)
+    """(num_segments,) float32 sums of per-position values (R, T-1) (position t scores token t+1) over the response
+    tokens (response (R, T), unshifted) of each sequence (segment (R, T): its index, padded rows or packed samples
+    alike; see `data.preference.collate_dpo_pairs`)."""
+    keep = response[:, 1:]
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    return out.index_add(0, segment[:, 1:][keep], values[keep].float())
 
 
 @contextmanager

@@ -10,6 +10,7 @@ reference model in memory while training; see `rl.reference`). SimPO (`dpo.loss_
 Each micro batch puts its chosen and rejected sides through the policy in one forward; the sequence log-prob of a
 side is the sum over its response tokens (prompt and padding masked; the fused LM-head kernel on CUDA, no full
 logits). Loss and implicit rewards: `losses.dpo`; + `dpo.sft_coef` x the chosen side's per-token NLL (RPO).
+With `data.packing`, whole pairs are packed into rows (`data.packing.collate_packed_dpo`); sums are per sample.
 Long pairs lose their prompt's start first, then their responses' ends (`data.preference`). Outputs as for SFT.
 """
 
@@ -25,9 +26,10 @@ import torch
 
 from distributed_pt import dist
 from distributed_pt.config import ConfigError, DPOConfig
-from distributed_pt.data.collate import Examples, ShardedBatches
+from distributed_pt.data.collate import Batch, Examples, ShardedBatches
 from distributed_pt.data.io import read_rows
-from distributed_pt.data.preference import PairExample, collate_dpo_pairs, load_preference_data
+from distributed_pt.data.packing import PackedDataset, collate_packed_dpo
+from distributed_pt.data.preference import collate_dpo_pairs, load_preference_data
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.generation import exact_match_by_task, greedy_answers
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
@@ -35,7 +37,7 @@ from distributed_pt.engine.metrics import StepTimer
 from distributed_pt.losses.dpo import dpo_loss
 from distributed_pt.models.heads import Backbone, use_fused_loss
 from distributed_pt.models.loading import load_model, load_tokenizer, make_trainable
-from distributed_pt.rl.logprobs import masked_sum, reference_logprobs, sequence_logprobs
+from distributed_pt.rl.logprobs import reference_logprobs, segment_sums, token_logprobs
 from distributed_pt.rl.reference import precomputed
 
 if TYPE_CHECKING:
@@ -59,35 +61,44 @@ class Policy:
     def reference_free(self) -> bool:
         return self.cfg.dpo.loss_type == "simpo"
 
-    def loss(self, pairs: list[PairExample], split: str, indices: list[int]) -> tuple[torch.Tensor, dict, int, int]:
-        """The loss of a micro batch of pairs (items `indices` of `split`), its statistics, real tokens and slots."""
-        dpo, device = self.cfg.dpo, self.engine.device
-        ids, mask, response = (t.to(device) for t in collate_dpo_pairs(pairs, self.pad_id))
-        logps = sequence_logprobs(self.engine, ids, mask, response, self.fused)
-        lengths = response[:, 1:].sum(1)
-        ref = None
-        if not self.reference_free():
-            ref = self.reference_logps(ids, mask, response, split, indices)
+    def loss(self, items: list, split: str, indices: list[int]) -> tuple[torch.Tensor, dict, int, int]:
+        """The loss of a micro batch (`items`: pairs, or packed rows of pairs; `indices`: the pairs' indices in
+        `split`, in the order `collate_*` numbers them), its statistics, real tokens and token slots."""
+        dpo = self.cfg.dpo
+        batch, response, segment, n = pair_batch(items, self.pad_id, self.engine.device)
+        logp = token_logprobs(self.engine, batch.input_ids, batch.model_mask, 1.0, self.fused, batch.position_ids)[0]
+        logps = segment_sums(logp, response, segment, 2 * n)
+        lengths = segment_sums(torch.ones_like(logp), response, segment, 2 * n)
+        ref = None if dpo.loss_type == "simpo" else self.reference_logps(batch, response, segment, split, indices)
         chosen, rejected = logps.chunk(2)
         loss, stats = dpo_loss(
             chosen, rejected, *(ref.chunk(2) if ref is not None else (None, None)), dpo.loss_type, dpo.beta,
             dpo.label_smoothing, dpo.gamma, *lengths.chunk(2),
         )  # fmt: skip
-        nll = -(chosen / lengths[: len(pairs)]).mean()
+        nll = -(chosen / lengths[:n]).mean()
         stats["nll"] = nll.item()
         if dpo.sft_coef:
             loss = loss + dpo.sft_coef * nll
-        return loss, stats, int(mask.sum()), mask.numel()
+        return loss, stats, batch.num_tokens, batch.input_ids.numel()
 
     @torch.no_grad()
     def reference_logps(
-        self, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, split: str, indices: list[int]
+        self, batch: Batch, response: torch.Tensor, segment: torch.Tensor, split: str, indices: list[int]
     ) -> torch.Tensor:
-        """(2B,) reference sequence log-probs: chosen sides, then rejected."""
+        """(2P,) reference sequence log-probs: chosen sides, then rejected."""
         if self.tables is not None:
-            return self.tables[split][indices].T.reshape(-1).to(ids.device)
-        logp = reference_logprobs(self.engine, self.reference, ids, mask, 1.0, self.fused)
-        return masked_sum(logp, response)
+            return self.tables[split][indices].T.reshape(-1).to(batch.input_ids.device)
+        logp = reference_logprobs(self.engine, self.reference, batch.input_ids, batch.model_mask, 1.0, self.fused,
+                                  batch.position_ids)  # fmt: skip
+        return segment_sums(logp, response, segment, 2 * len(indices))
+
+
+def pair_batch(items: list, pad_id: int, device: torch.device) -> tuple[Batch, torch.Tensor, torch.Tensor, int]:
+    """(batch, response, segment, pairs) of pairs or packed rows of pairs, on `device`."""
+    packed = bool(items) and isinstance(items[0], list)
+    batch, response, segment = (collate_packed_dpo if packed else collate_dpo_pairs)(items, pad_id)
+    n = sum(len(row) for row in items) if packed else len(items)
+    return batch.to(device), response.to(device), segment.to(device), n
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -98,6 +109,10 @@ def main(cfg: DPOConfig) -> dict:
     data_args = (tokenizer, cfg.data, cfg.train.seed, False, data_cache(cfg))
     train_set, eval_set, stats = load_preference_data(*data_args, prompt_first=True)
     dist.print0(f"train: {stats['train'].summary()}\neval: {stats['eval'].summary()}")
+    pairs = train_set  # per pair: what reference tables are indexed by
+    if cfg.data.packing:  # whole pairs per row, as for the RM; evaluation stays unpacked
+        train_set = PackedDataset(train_set, cfg.data.max_length)
+        dist.print0(f"packing: {len(train_set)} rows, {train_set.efficiency(cfg.data.max_length):.1%} filled")
     eval_rows = read_rows(dpo.eval_prompts)[: cfg.eval.num_generate] if cfg.eval.num_generate > 0 else []
     model = load_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing, name="policy")
@@ -114,8 +129,7 @@ def main(cfg: DPOConfig) -> dict:
     policy = Policy(engine, reference, None, fused, tokenizer.pad_token_id, cfg)
     if reference_kind(cfg) == "precomputed":  # before a checkpoint is loaded: the engine still holds the start
         policy.tables = {
-            split: precompute(policy, data, split, tokenizer)
-            for split, data in (("train", train_set), ("eval", eval_set))
+            split: precompute(policy, data, split, tokenizer) for split, data in (("train", pairs), ("eval", eval_set))
         }
 
     run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))
@@ -134,7 +148,10 @@ def train(run: Run, policy: Policy, train_set: Examples, batches: ShardedBatches
     while run.training():
         for _ in range(run.cfg.train.gradient_accumulation_steps):
             run.state.micro_step, indices = next(micro_batches)
-            loss, stats, tokens, slots = policy.loss(train_set.examples(indices), "train", indices)
+            items = train_set.examples(indices)
+            if isinstance(train_set, PackedDataset):  # the pairs of the packed rows, in row order
+                indices = [i for j in indices for i in train_set.rows[j]]
+            loss, stats, tokens, slots = policy.loss(items, "train", indices)
             check_finite(loss, run.state.step + 1)
             engine.backward(loss)
             engine.step()
@@ -187,11 +204,10 @@ def precompute(policy: Policy, data: Examples, split: str, tokenizer: PreTrained
     lora = cfg.lora.enabled
 
     def logps(indices: list[int]) -> torch.Tensor:
-        ids, mask, response = (
-            t.to(policy.engine.device) for t in collate_dpo_pairs(data.examples(indices), policy.pad_id)
-        )
-        logp = reference_logprobs(policy.engine, None if lora else policy.engine, ids, mask, 1.0, policy.fused)
-        return masked_sum(logp, response).view(2, -1).T
+        batch, response, segment, n = pair_batch(data.examples(indices), policy.pad_id, policy.engine.device)
+        model = None if lora else policy.engine
+        logp = reference_logprobs(policy.engine, model, batch.input_ids, batch.model_mask, 1.0, policy.fused)
+        return segment_sums(logp, response, segment, 2 * n).view(2, -1).T
 
     with torch.no_grad():
         return precomputed(
@@ -234,7 +250,5 @@ def check_config(cfg: DPOConfig) -> None:
         raise ConfigError(f"dpo.gamma (SimPO's target margin) applies to loss_type simpo, not {dpo.loss_type}")
     if cfg.data.truncation == "left":
         raise ConfigError("data.truncation: DPO cuts a long pair's prompt first ('right') or refuses it ('error')")
-    if cfg.data.packing:
-        raise ConfigError("data.packing: the DPO stage does not pack pairs yet; set it to false")
     if cfg.eval.num_generate > 0 and not dpo.eval_prompts:
         dist.print0("eval: no dpo.eval_prompts, so no exact-match eval (eval pairs only)")

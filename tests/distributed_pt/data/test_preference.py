@@ -147,7 +147,9 @@ def test_dpo_truncation_keeps_the_end_of_the_prompt_and_drops_empty_responses(to
 def test_dpo_response_mask_covers_each_side_after_its_prompt(tok):
     rows = [Row({"prompt": "sort : b a =", "chosen": "a b", "rejected": "b a b a"}, "x")]
     pairs, _ = build_pairs(tok, rows, DataConfig(), False, prompt_first=True)
-    ids, mask, response = collate_dpo_pairs(pairs, tok.pad_token_id)
+    batch, response, segment = collate_dpo_pairs(pairs, tok.pad_token_id)
+    ids, mask = batch.input_ids, batch.attention_mask
+    assert segment[:, 0].tolist() == [0, 1] and (segment == segment[:, :1]).all()
     p = pairs[0]
     assert response[0].tolist() == [p.prompt_length <= j < len(p.chosen) for j in range(ids.size(1))]
     assert response[1].tolist() == [p.prompt_length <= j < len(p.rejected) for j in range(ids.size(1))]
