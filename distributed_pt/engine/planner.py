@@ -318,7 +318,7 @@ def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
         if z.offload_optimizer
         else 4 * (main.trainable / (world if z.stage else 1)),
     }
-    frozen = arch(cfg.model, None, (world,), vocab=vocab)
+    frozen = dataclasses.replace(main, trainable=0)  # the same weights, none trained
     if stage == "dpo" and cfg.dpo.loss_type != "simpo" and not cfg.dpo.precompute_reference and not cfg.lora.enabled:
         items["reference model"] = frozen_bytes(frozen, z, world, b, cfg.dpo.offload_reference)
     if stage in ("ppo", "grpo"):

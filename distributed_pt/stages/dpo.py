@@ -58,9 +58,6 @@ class Policy:
     pad_id: int
     cfg: DPOConfig
 
-    def reference_free(self) -> bool:
-        return self.cfg.dpo.loss_type == "simpo"
-
     def loss(self, items: list, split: str, indices: list[int]) -> tuple[torch.Tensor, dict, int, int]:
         """The loss of a micro batch (`items`: pairs, or packed rows of pairs; `indices`: the pairs' indices in
         `split`, in the order `collate_*` numbers them), its statistics, real tokens and token slots."""
