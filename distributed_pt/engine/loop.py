@@ -168,7 +168,7 @@ class Run:
     def finish(self, before: Metrics, after: Metrics) -> dict[str, Any]:
         """summary.json (held-out metrics before and after), W&B summary, teardown."""
         summary = {"stage": self.cfg.stage, "steps": self.state.step, "before": before, "after": after}
-        summary["environment"] = environment()
+        summary["environment"] = environment() if dist.is_main() else {}  # (git runs on rank 0 only)
         measured = dist.all_reduce_max(torch.tensor([peak_memory_gib()])).item()
         summary["memory_gib"] = {
             "planned_peak": self.plan.get("plan/peak_gib"),
