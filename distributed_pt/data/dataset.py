@@ -108,6 +108,12 @@ class TokenizedDataset:
             self._lengths = self.ds.data.table.column("length").to_numpy().astype(np.int32, copy=False)
         return self._lengths
 
+    @property
+    def cache_name(self) -> str:
+        """ "<kind>-<key>/<split>": names the examples exactly (the key hashes tokenizer, files and settings)."""
+        path = Path(self.ds.cache_files[0]["filename"]).parent
+        return f"{path.parent.name}/{path.name}"
+
     def source_rows(self) -> list[Row]:
         """The source rows kept beside the examples (an SFT eval split), in order."""
         return [Row(json.loads(r), w) for r, w in zip(self.ds["row"], self.ds["where"], strict=True)]

@@ -20,6 +20,7 @@ Truncation to ``data.max_length``:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,7 @@ def _chat_prompt_length(tokenizer, chats: list[list[dict]], chosen: list[int], r
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))  # (works on any sequences, not only paths)
 
 
 def truncate_prompt_first(

@@ -101,7 +101,8 @@ class Run:
         self.state = State()
         self.client = resume(engines, cfg, self.state, inputs)
         self.logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=self.state.step)
-        self.plan = run_plan(cfg, dist.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size())))
+        world, local = dist.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
+        self.plan = run_plan(cfg, world, local) if dist.is_main() else {}  # logged and summarised by rank 0 only
         if self.plan:
             self.logger.log(self.plan, step=self.state.step)
         self.state.install_sigterm()

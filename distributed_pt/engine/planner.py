@@ -84,7 +84,7 @@ class Arch:
     vocab: int
     linear_weights: int  # weights of the linear layers (LM head and adapters included): FLOPs
     persistent: int  # parameters of at most the ZeRO-3 persistence threshold (whole on every rank)
-    grad_partition_max: dict[int, int]  # world size -> the most trainable elements a ZeRO-1/2 rank's gradients hold
+    grad_partition: int  # the most trainable elements a ZeRO-1/2 rank's gradients hold at the planned world size
 
     def layer_bytes(self, dtype_bytes: int) -> float:
         per = ACT_HIDDEN * self.hidden + ACT_KV * self.kv_dim + ACT_INTERMEDIATE * self.intermediate
@@ -117,30 +117,26 @@ class Plan:
 # The model, on the meta device.
 
 
-def hf_config(model: ModelConfig, vocab: int | None = None) -> Any:
-    """The transformers config a stage would build: the preset, else model.path's config.json, else init_config
-    (its vocabulary: `vocab`, the tokenizer's, when it names none)."""
+def hf_config(model: ModelConfig) -> Any:
+    """The transformers config a stage would build (as `models.loading`): model.path's config.json, or the preset in
+    its place when given (a checkpoint planned for need not be on this machine), else the random-init config the
+    loader builds from `model.preset` or `model.init_config` with the run's tokenizer."""
     from transformers import AutoConfig
 
+    from distributed_pt.models.loading import init_model_config, load_tokenizer
     from distributed_pt.models.presets import hf_config as config_of
     from distributed_pt.models.presets import load_preset
 
+    if model.path is None:
+        return init_model_config(model, load_tokenizer(model))
     if model.preset is not None:
         return config_of(load_preset(model.preset))
-    if model.path is not None:
-        if not (Path(model.path) / "config.json").is_file():
-            raise ConfigError(f"model.path: no config.json in '{model.path}' (or give model.preset to plan without it)")
-        return AutoConfig.from_pretrained(model.path, local_files_only=True, trust_remote_code=model.trust_remote_code)
-    if model.init_config is not None:
-        if vocab is None and "vocab_size" not in model.init_config:  # as the loader: the tokenizer's
-            from distributed_pt.models.loading import load_tokenizer
-
-            vocab = len(load_tokenizer(model))
-        return config_of({"vocab_size": vocab, **model.init_config}, "model.init_config")
-    raise ConfigError("model: give model.preset, model.path or model.init_config")
+    if not (Path(model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path: no config.json in '{model.path}' (or give model.preset to plan without it)")
+    return AutoConfig.from_pretrained(model.path, local_files_only=True, trust_remote_code=model.trust_remote_code)
 
 
-def arch(model: ModelConfig, lora: Any, worlds: tuple[int, ...], head: str = "lm", vocab: int | None = None) -> Arch:
+def arch(model: ModelConfig, lora: Any, world: int, head: str = "lm") -> Arch:
     """Build the model on the meta device (LoRA applied as training would) and read its sizes. `head`: "lm" or
     "score" (a reward model or critic: the LM head replaced by a scalar head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -148,7 +144,7 @@ def arch(model: ModelConfig, lora: Any, worlds: tuple[int, ...], head: str = "lm
     from distributed_pt.engine.deepspeed import param_groups
     from distributed_pt.models.lora import apply_lora
 
-    config = hf_config(model, vocab)
+    config = hf_config(model)
     with torch.device("meta"):
         if head == "score":
             config.num_labels = 1
@@ -186,7 +182,7 @@ def arch(model: ModelConfig, lora: Any, worlds: tuple[int, ...], head: str = "lm
         vocab=text.vocab_size,
         linear_weights=linear,
         persistent=persistent,
-        grad_partition_max={w: _grad_partition_max(groups, w) for w in worlds},
+        grad_partition=_grad_partition_max(groups, world),
     )
 
 
@@ -194,15 +190,13 @@ def _grad_partition_max(groups: list[list[int]], world: int) -> int:
     """ZeRO-1/2: each flat group is cut into `world` equal partitions and a rank's gradient buffer holds every
     parameter that overlaps its partition whole. The largest rank's total."""
     per_rank = [0] * world
-    for sizes in groups:
-        total = sum(sizes)
-        part = math.ceil(total / world) if total else 0
+    for sizes in filter(sum, groups):  # (an empty group has no partitions)
+        part = math.ceil(sum(sizes) / world)
         start = 0
         for n in sizes:
-            end = start + n
-            for r in range(start // part if part else 0, min(world, math.ceil(end / part) if part else 0)):
+            for r in range(start // part, min(world, math.ceil((start + n) / part))):
                 per_rank[r] += n
-            start = end
+            start += n
     return max(per_rank)
 
 
@@ -245,7 +239,7 @@ def model_states(a: Arch, z: ZeroSettings, world: int, dtype_bytes: int) -> tupl
         params = b * a.params
         # ZeRO-1/2 hold whole the parameters straddling a partition boundary, except with optimizer offload, which
         # copies each gradient's own slice to the host (measured: benchmarks/results/bench_memory_cpu.json)
-        whole = a.trainable / world if z.offload_optimizer else a.grad_partition_max.get(world, a.trainable / world)
+        whole = a.trainable / world if z.offload_optimizer else a.grad_partition
         grads = b * (a.trainable if z.stage == 0 else whole)
     shard = a.trainable / (world if z.stage >= 1 else 1)
     optimizer = (8 if fp32 else 12) * shard
@@ -294,11 +288,11 @@ def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
     return (4 + 2 * checkpointing) * a.linear_weights + 2 * trainable_linear + 12 * a.layers * a.hidden * seq_len
 
 
-def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
+def make_plan(cfg: Any, hw: Hardware) -> Plan:
     """Per-GPU memory and step time of `cfg` (any stage config) on `hw`; suggestions are added by `suggest`."""
     stage, world, b = cfg.stage, hw.world, 4 if cfg.model.dtype == "fp32" else 2
     z = ZeroSettings.of(cfg)
-    main = arch(cfg.model, cfg.lora, (world,), head="score" if stage == "rm" else "lm", vocab=vocab)
+    main = arch(cfg.model, cfg.lora, world, head="score" if stage == "rm" else "lm")
     items, host = model_states(main, z, world, b)
     items["communication buffers"] = buffers(z, b, main.trainable)
     notes: list[str] = []
@@ -327,7 +321,7 @@ def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
         if needs_reference and not cfg.lora.enabled:
             items["reference model"] = frozen_bytes(frozen, z, world, b, offload)
         if section.reward_model:
-            scorer = arch(cfg.model, None, (world,), head="score", vocab=vocab)
+            scorer = arch(cfg.model, None, world, head="score")
             items["reward model"] = frozen_bytes(scorer, z, world, b, offload)
             notes.append("reward model and critic sized as the policy's architecture with a scalar head")
         rollout = section.rollout_batch_size * (section.num_generations if stage == "grpo" else 1)
@@ -335,7 +329,7 @@ def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
         gathered = b * main.params if z.stage >= 3 else 0.0  # ZeRO-3 gathers the whole policy once per rollout
         phases["generation (KV cache, gathered weights)"] = kv_cache + gathered
     if stage == "ppo":
-        critic = arch(cfg.model, dataclasses.replace(cfg.lora, enabled=False), (world,), head="score", vocab=vocab)
+        critic = arch(cfg.model, dataclasses.replace(cfg.lora, enabled=False), world, head="score")
         critic_gpu, critic_host = model_states(critic, z, world, b)
         items["critic (weights, gradients, optimizer)"] = sum(critic_gpu.values()) + buffers(z, b, critic.trainable)
         host |= {f"critic {k}": v for k, v in critic_host.items()}
@@ -355,7 +349,7 @@ def make_plan(cfg: Any, hw: Hardware, vocab: int | None = None) -> Plan:
     return Plan(hw, items, host, sum(items.values()), summary, tokens_per_step, step_time, notes)
 
 
-def suggest(cfg: Any, hw: Hardware, plan: Plan, vocab: int | None = None) -> list[dict[str, Any]]:
+def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
     """When `plan` does not fit: the changes (config overrides), cheapest first, that each make it fit, with their
     predicted memory; if none does alone, the cheapest combination that does (or the closest one)."""
     from distributed_pt.config import _apply_override
@@ -386,7 +380,7 @@ def suggest(cfg: Any, hw: Hardware, plan: Plan, vocab: int | None = None) -> lis
         changed = copy.deepcopy(cfg)
         for key, value in overrides.items():
             _apply_override(changed, f"{key}={value}")
-        return make_plan(changed, hw, vocab).total
+        return make_plan(changed, hw).total
 
     def entry(overrides: dict[str, str], t: float) -> dict[str, Any]:
         return {"change": [f"{k}={v}" for k, v in overrides.items()], "total": t, "fits": t <= hw.gpu_memory}

@@ -27,6 +27,7 @@ import torch
 from distributed_pt import dist
 from distributed_pt.config import ConfigError, DPOConfig
 from distributed_pt.data.collate import Batch, Examples, ShardedBatches
+from distributed_pt.data.dataset import TokenizedDataset
 from distributed_pt.data.io import read_rows
 from distributed_pt.data.packing import PackedDataset, collate_packed_dpo
 from distributed_pt.data.preference import collate_dpo_pairs, load_preference_data
@@ -125,9 +126,7 @@ def main(cfg: DPOConfig) -> dict:
     engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps)
     policy = Policy(engine, reference, None, fused, tokenizer.pad_token_id, cfg)
     if reference_kind(cfg) == "precomputed":  # before a checkpoint is loaded: the engine still holds the start
-        policy.tables = {
-            split: precompute(policy, data, split, tokenizer) for split, data in (("train", pairs), ("eval", eval_set))
-        }
+        policy.tables = {split: precompute(policy, data) for split, data in (("train", pairs), ("eval", eval_set))}
 
     run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))
     before, after = run.train(
@@ -184,18 +183,17 @@ def evaluate(
     return metrics
 
 
-def precompute(policy: Policy, data: Examples, split: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """(len(data), 2) reference log-probs of a split, from the starting weights (adapters off under LoRA), cached
-    under the data cache keyed by the model, the data and the settings that change the numbers."""
+def precompute(policy: Policy, data: TokenizedDataset) -> torch.Tensor:
+    """(len(data), 2) reference log-probs of a tokenized split, from the starting weights (adapters off under LoRA),
+    cached under the data cache keyed by the model, the settings that change the numbers, and the split's own cache
+    name (which hashes the tokenizer, files and data settings)."""
     cfg = policy.cfg
     key = {
         "model": _model_identity(cfg),
         "dtype": cfg.model.dtype,
         "attn": cfg.model.attn_implementation,
         "fused": policy.fused,
-        "data": fingerprint(tokenizer, cfg.data.train_files + cfg.data.eval_files),
-        "data_settings": [cfg.data.max_length, cfg.data.truncation, cfg.data.eval_fraction, cfg.train.seed],
-        "split": split,
+        "data": data.cache_name,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     lora = cfg.lora.enabled
