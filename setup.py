@@ -23,6 +23,7 @@ setup(
         "wandb>=0.19",
         "tqdm>=4.66",
         "pyyaml>=6.0",
+        "jinja2>=3.1",  # chat templates (data.sft catches its TemplateError)
         "numpy>=1.26",
         "triton>=3.6; platform_system=='Linux'",
     ],

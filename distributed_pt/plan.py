@@ -22,7 +22,7 @@ def parse_memory(text: str) -> float:
     """'80GiB', '80GB', '141 GiB', '80' (GiB) -> bytes."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*(GiB|GB|MiB|MB)?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"--gpu-memory: expected e.g. 80GiB, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected e.g. 80GiB, 141GB or 80, got {text!r}")
     unit = (m.group(2) or "GiB").lower()
     return float(m.group(1)) * {"gib": GiB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
 
