@@ -10,8 +10,20 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["distributed_pt", "distributed_pt.*", "kernels", "kernels.*"]),
-    package_data={"distributed_pt": ["assets/demo/*.jsonl", "assets/demo/tokenizer/*"]},
+    # The Triton kernels live in the repository's kernels/ folder and import as `distributed_pt_kernels`: the name
+    # `kernels` belongs to Hugging Face's package, which transformers imports. kernels/ has no __init__.py, so from the
+    # repository root `import kernels` still finds theirs. configs/ (presets, examples, DeepSpeed JSONs, the demo
+    # configs) ships as distributed_pt/configs, where distributed_pt.config.bundled finds it after a plain install.
+    packages=[
+        *find_packages(include=["distributed_pt", "distributed_pt.*"]),
+        "distributed_pt_kernels",
+        "distributed_pt.configs",
+    ],
+    package_dir={"distributed_pt_kernels": "kernels", "distributed_pt.configs": "configs"},
+    package_data={
+        "distributed_pt": ["assets/demo/*.jsonl", "assets/demo/tokenizer/*"],
+        "distributed_pt.configs": ["*.yaml", "*/*.yaml", "*/*.json"],
+    },
     # torch is left unpinned: GPU clusters bring their own CUDA build (see the README for the CPU install).
     install_requires=[
         "torch>=2.4",

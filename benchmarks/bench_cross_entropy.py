@@ -1,4 +1,4 @@
-"""Benchmark of kernels.fused_linear_cross_entropy (LM head + masked CE, forward + backward, bf16).
+"""Benchmark of distributed_pt_kernels.fused_linear_cross_entropy (LM head + masked CE, forward + backward, bf16).
 
 Providers (hidden always needs a gradient, as inside a network; a quarter of the labels are ignore_index, scattered):
 
@@ -85,7 +85,9 @@ def _floors(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> dict[str,
 
 
 def _providers(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, liger) -> dict[str, Callable[[], None]]:  # noqa: ANN001
-    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy  # after --cpu-smoke set TRITON_INTERPRET
+    from distributed_pt_kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy,  # after --cpu-smoke set TRITON_INTERPRET
+    )
 
     fns = {
         "ours": lambda: fused_linear_cross_entropy(x, w, labels).backward(),
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     warmup, rep = 25, 100
     if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before kernels.fused_linear_cross_entropy is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before distributed_pt_kernels.fused_linear_cross_entropy is imported
         device, warmup, rep = "cpu", 1, 1
         cases = [dict(tokens=64, hidden=32, vocab=1000, head=head) for head in HEADS]
     else:

@@ -1,10 +1,10 @@
-"""Benchmark of kernels.lora_matmul.lora_linear (forward + backward, bf16) against its floor and peers.
+"""Benchmark of distributed_pt_kernels.lora_matmul.lora_linear (forward + backward, bf16) against its floor and peers.
 
 Providers, all computing dx (the layer's input needs a gradient, as inside a network):
 
 * ``floor``: the frozen base GEMMs alone, forward ``x Wᵀ`` and backward ``dx = dy W`` (cuBLAS); no LoRA.
-* ``ours``: ``lora_linear`` as layers call it (``path="auto"``: the path `kernels.lora_matmul.choose_path` picks for
-  the shape).
+* ``ours``: ``lora_linear`` as layers call it (``path="auto"``: the path
+  `distributed_pt_kernels.lora_matmul.choose_path` picks for the shape).
 * ``ours_fused``: the Triton GEMMs with the rank-r update fused into their epilogues, on every shape.
 * ``ours_cublas``: cuBLAS GEMMs with the rank-r update accumulated in place (``addmm_``), on every shape.
 * ``torch``: naive LoRA in torch, ``x Wᵀ + s·(x Aᵀ) Bᵀ``.
@@ -62,7 +62,7 @@ def _providers(
     tokens: int, k: int, n: int, r: int, device: str, dtype: torch.dtype
 ) -> dict[str, tuple[Callable[[], None], list[torch.Tensor]]]:
     """provider → (one forward+backward, tensors whose grads are reset between calls)."""
-    from kernels.lora_matmul import lora_linear  # after --cpu-smoke has set TRITON_INTERPRET
+    from distributed_pt_kernels.lora_matmul import lora_linear  # after --cpu-smoke has set TRITON_INTERPRET
 
     x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n, device=device, dtype=dtype)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     warmup, rep = 25, 100
     if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before kernels.lora_matmul is imported
+        os.environ["TRITON_INTERPRET"] = "1"  # before distributed_pt_kernels.lora_matmul is imported
         device, warmup, rep = "cpu", 1, 1
         cases = [dict(tokens=64, k=k, n=n, r=8) for k, n in [(64, 48), (96, 64)]]
     else:

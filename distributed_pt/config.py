@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-ASSETS = Path(__file__).parent / "assets"
+from distributed_pt.paths import PACKAGE_DIR, resolve_path
+
+ASSETS = PACKAGE_DIR / "assets"
 DEMO_DIR = ASSETS / "demo"
 
 
@@ -367,7 +369,7 @@ STAGES: dict[str, Stage] = {
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read a stage config: YAML file, then ``key.sub=value`` overrides (values parsed as YAML scalars)."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 # (stage, metric key, label) rows of the summary table
 ROWS = [
     ("sft", "eval/exact_match", "held-out exact match"),
@@ -56,10 +55,9 @@ def run_stage(config: Path, nproc: int, overrides: list[str]) -> float:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: DeepSpeed warns when it has to guess
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     print(f"\n=== {config.name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True)
     return time.perf_counter() - start
 
 
@@ -110,19 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from distributed_pt.data.sample_pairs import main as sample_pairs
+    from distributed_pt.paths import resolve_path
 
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     results: dict[str, tuple[dict, float]] = {}
     stages = args.stages or STAGE_ORDER[args.rl]
     for stage in stages.split(","):
         if stage == "pairs":
-            sft_out = REPO / yaml.safe_load((REPO / args.sft).read_text())["output_dir"]
-            sample_pairs([f"--model={sft_out / 'final'}", f"--prompts={REPO / args.pairs_prompts}",
+            sft_out = Path(yaml.safe_load(resolve_path(args.sft).read_text())["output_dir"])
+            sample_pairs([f"--model={sft_out / 'final'}", f"--prompts={resolve_path(args.pairs_prompts)}",
                           f"--out={sft_out / 'pref_samples.jsonl'}"])  # fmt: skip
             continue
-        config = REPO / getattr(args, stage)  # an absolute path stays as it is
+        config = resolve_path(getattr(args, stage))  # yours, else the bundled one of that name
         seconds = run_stage(config, nproc, [])
-        out = REPO / yaml.safe_load(config.read_text())["output_dir"]
+        out = Path(yaml.safe_load(config.read_text())["output_dir"])
         results[stage] = (json.loads((out / "summary.json").read_text()), seconds)
     table = summary_table(results) + "\n\n" + provenance()
     (out.parent / "summary.md").write_text(table + "\n")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import row_config, softcap_torch, tanh, use_triton
+from distributed_pt_kernels._utils import row_config, softcap_torch, tanh, use_triton
 
 __all__ = ["masked_cross_entropy", "masked_cross_entropy_reference"]
 

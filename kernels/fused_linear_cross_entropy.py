@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._linear_chunks import chunk_rows, flatten_inputs, grads_out, linear_chunks, reference_logits
-from kernels.cross_entropy import _REDUCTIONS, _ce_rows, _reduce
+from distributed_pt_kernels._linear_chunks import chunk_rows, flatten_inputs, grads_out, linear_chunks, reference_logits
+from distributed_pt_kernels.cross_entropy import _REDUCTIONS, _ce_rows, _reduce
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
 

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._linear_chunks import chunk_rows, flatten_inputs, grads_out, linear_chunks, reference_logits
-from kernels._utils import row_config, softcap_torch, tanh, use_triton
+from distributed_pt_kernels._linear_chunks import chunk_rows, flatten_inputs, grads_out, linear_chunks, reference_logits
+from distributed_pt_kernels._utils import row_config, softcap_torch, tanh, use_triton
 
 __all__ = ["fused_linear_logprobs", "fused_linear_logprobs_reference"]
 

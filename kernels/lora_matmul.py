@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import INTERPRET
+from distributed_pt_kernels._utils import INTERPRET
 
 __all__ = ["choose_path", "dropout_keep_mask", "lora_linear", "lora_linear_reference"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Higher may import lower or equal; `pipeline`/`train` sit on top.
 LAYERS = {
-    "config": 0, "dist": 0, "kernels": 0,
+    "config": 0, "dist": 0, "kernels": 0, "paths": 0,
     "data": 1,
     "models": 2,
     "checkpoint": 3, "logging": 3,
@@ -23,7 +23,7 @@ LAYERS = {
 
 def _layer(module: str) -> str | None:
     parts = module.split(".")
-    if parts[0] == "kernels":
+    if parts[0] == "distributed_pt_kernels":
         return "kernels"
     if parts[0] == "distributed_pt" and len(parts) > 1:
         return parts[1]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed_pt.paths import resolve_path
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")  # what `Dataset.save_to_disk` writes beside its .arrow
 _BATCH = 1000  # rows per parquet / saved-dataset read
@@ -56,7 +58,7 @@ def resolve(paths: list[str]) -> list[Path]:
             for m in matches:
                 out += _resolve_one(Path(m))
         else:
-            out += _resolve_one(Path(entry))
+            out += _resolve_one(resolve_path(entry))  # the bundled demo files from any working directory
     return out
 
 

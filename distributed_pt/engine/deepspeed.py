@@ -11,27 +11,18 @@ import math
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distributed_pt.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig
+from distributed_pt.paths import resolve_path
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REDUCE_BUCKET_DEFAULT = 5e8  # DeepSpeed's reduce_bucket_size when the JSON names none
 FIT_BUCKETS = "_fit_buckets"  # build_ds_config's note to initialize (popped before DeepSpeed sees the config)
-
-
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the repository root (so configs work from any working directory)."""
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
 
 
 def build_ds_config(

@@ -96,7 +96,7 @@ def lm_head_loss(
     fused: the Triton LM-head kernel, no logits in memory (head must be a plain ``nn.Linear``).
     """
     if fused:
-        from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+        from distributed_pt_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
             hidden, head.weight, shift_labels(labels), bias=head.bias, ignore_index=IGNORE_INDEX, reduction=reduction
@@ -110,7 +110,7 @@ def lm_head_logprobs(
     """log pi(x_{t+1} | x_{<=t}) and the policy's entropy at each position t, both (B, T-1) float32, from logits
     divided by `temperature` (the distribution the tokens were sampled from)."""
     if fused:
-        from kernels.fused_linear_logprobs import fused_linear_logprobs
+        from distributed_pt_kernels.fused_linear_logprobs import fused_linear_logprobs
 
         targets = F.pad(input_ids[:, 1:], (0, 1), value=0)
         logp, entropy = fused_linear_logprobs(

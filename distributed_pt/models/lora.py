@@ -43,7 +43,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 def _triton_available() -> bool:
     """Whether the fused kernel imports (kernel="auto" falls back to torch, once warned, when it does not)."""
     try:
-        import kernels.lora_matmul  # noqa: F401
+        import distributed_pt_kernels.lora_matmul  # noqa: F401
     except ImportError as err:
         warnings.warn(f"kernel='auto': Triton LoRA kernel unavailable ({err}); using the torch path", stacklevel=3)
         return False
@@ -62,8 +62,8 @@ class LoraLinear(nn.Module):
         r: Adapter rank.
         alpha: LoRA alpha; ``scale = alpha / r``.
         dropout: Dropout probability on the adapter path's input.
-        kernel: "triton" (fused kernel from ``kernels.lora_matmul``), "torch", or "auto" (Triton when the weight is on
-            CUDA at forward time and the layer is an ``nn.Linear``, else torch).
+        kernel: "triton" (fused kernel from ``distributed_pt_kernels.lora_matmul``), "torch", or "auto" (Triton when
+            the weight is on CUDA at forward time and the layer is an ``nn.Linear``, else torch).
 
     Shapes:
         x: (..., in_features) -> (..., out_features). lora_A: (r, in_features); lora_B: (out_features, r).
@@ -114,7 +114,7 @@ class LoraLinear(nn.Module):
         if self.merged or self.disabled:
             return F.linear(x, self._base_weight(), self.bias)
         if self._use_triton():
-            from kernels.lora_matmul import lora_linear
+            from distributed_pt_kernels.lora_matmul import lora_linear
 
             return lora_linear(
                 x, self._base_weight(), self.lora_A, self.lora_B, self.scale, bias=self.bias,

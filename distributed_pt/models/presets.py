@@ -24,9 +24,10 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from distributed_pt.config import ConfigError
+from distributed_pt.paths import bundled
 
-# Beside the stage configs at the repository root (configs/models/<name>.yaml).
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# Beside the stage configs (the repository's configs/models/<name>.yaml, also in an installed package).
+PRESET_DIR = bundled("configs/models")
 
 # config.json keys that fix the weights' shapes and the forward computation: a preset used with `model.path` must agree
 # with the checkpoint on each of them. Not compared: token ids, dtype, dropout, init range, and the context length of

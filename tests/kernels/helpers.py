@@ -1,7 +1,8 @@
 """Helpers of the kernel tests: the comparison against a float64 reference (tolerances from kernels/_utils.py), inputs
 of the LM-head ops, and an sm_90 compile check that needs no GPU.
 
-Import it after setting TRITON_INTERPRET (kernels._utils reads it once, as the kernels' @triton.jit decorations do).
+Import it after setting TRITON_INTERPRET (distributed_pt_kernels._utils reads it once, as the kernels' @triton.jit
+decorations do).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from kernels._utils import TOLERANCES
+from distributed_pt_kernels._utils import TOLERANCES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = list(TOLERANCES)
@@ -49,7 +50,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import _utils
+from distributed_pt_kernels import _utils
 module = importlib.import_module(sys.argv[1])
 for name, sig, flags in ast.literal_eval(sys.argv[2]):
     consts = {"HAS_SOFTCAP": True, "BLOCK_V": _utils.GPU_BLOCK_V, **flags}

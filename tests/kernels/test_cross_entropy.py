@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import _utils  # noqa: E402
-from kernels import cross_entropy as ce  # noqa: E402
+from distributed_pt_kernels import _utils  # noqa: E402
+from distributed_pt_kernels import cross_entropy as ce  # noqa: E402
 from tests.kernels.helpers import (  # noqa: E402
     DEVICE,
     DTYPES,
@@ -81,4 +81,6 @@ def test_kernels_compile_for_h100():
         "stride_l": i, "stride_g": i, "V": i, "ignore_index": i, "eps": f, "z_loss": f, "softcap": f,
         "HAS_SOFTCAP": c, "COMPUTE_GRAD": c, "BLOCK_V": c,
     }  # fmt: skip
-    assert_row_kernels_compile_for_h100("kernels.cross_entropy", [("_ce_kernel", signature, {"COMPUTE_GRAD": True})])
+    assert_row_kernels_compile_for_h100(
+        "distributed_pt_kernels.cross_entropy", [("_ce_kernel", signature, {"COMPUTE_GRAD": True})]
+    )

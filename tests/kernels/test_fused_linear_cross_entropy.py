@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import _utils  # noqa: E402
-from kernels import fused_linear_cross_entropy as flce  # noqa: E402
+from distributed_pt_kernels import _utils  # noqa: E402
+from distributed_pt_kernels import fused_linear_cross_entropy as flce  # noqa: E402
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close, leaves, lm_head_inputs  # noqa: E402
 
 

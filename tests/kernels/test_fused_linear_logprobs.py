@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import _utils  # noqa: E402
-from kernels import fused_linear_logprobs as fllp  # noqa: E402
+from distributed_pt_kernels import _utils  # noqa: E402
+from distributed_pt_kernels import fused_linear_logprobs as fllp  # noqa: E402
 from tests.kernels.helpers import (  # noqa: E402
     DEVICE,
     DTYPES,
@@ -92,4 +92,4 @@ def test_kernels_compile_for_h100():
         ("_logprob_bwd_kernel", {**bwd, **common, "HAS_LP_GRAD": c, "HAS_ENT_GRAD": c},
          {"HAS_LP_GRAD": True, "HAS_ENT_GRAD": True}),
     ]  # fmt: skip
-    assert_row_kernels_compile_for_h100("kernels.fused_linear_logprobs", kernels)
+    assert_row_kernels_compile_for_h100("distributed_pt_kernels.fused_linear_logprobs", kernels)

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.lora_matmul import dropout_keep_mask, lora_linear, lora_linear_reference  # noqa: E402
+from distributed_pt_kernels.lora_matmul import dropout_keep_mask, lora_linear, lora_linear_reference  # noqa: E402
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close  # noqa: E402
 
 SCALE = 1.75
@@ -70,7 +70,7 @@ def test_matches_reference(x_shape, n, r, dtype, bias, path):
 def test_narrow_outputs_take_the_cublas_path(monkeypatch):
     """GQA key/value shapes (n < k / 2), where the fused kernel lost to PEFT on the H100, go through cuBLAS with the
     rank-r term added in place; the rest through the fused kernel."""
-    from kernels import lora_matmul
+    from distributed_pt_kernels import lora_matmul
 
     assert lora_matmul.choose_path(1024, 4096) == "cublas" and lora_matmul.choose_path(256, 2048) == "cublas"
     assert lora_matmul.choose_path(4096, 4096) == "fused" and lora_matmul.choose_path(14336, 4096) == "fused"

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 if not torch.cuda.is_available():  # set for the whole process: on a GPU it would make every later kernel
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreted (before kernels.lora_matmul is imported)
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # interpreted (before distributed_pt_kernels.lora_matmul is imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 peft = pytest.importorskip("peft")
@@ -327,7 +329,7 @@ def test_gradient_checkpointing_hf_llama() -> None:
 
 def test_triton_kernel_path_matches_torch() -> None:
     pytest.importorskip("triton")
-    pytest.importorskip("kernels.lora_matmul")
+    pytest.importorskip("distributed_pt_kernels.lora_matmul")
     torch.manual_seed(0)
     base = nn.Linear(32, 48)
     ours = {k: LoraLinear(copy.deepcopy(base), r=16, alpha=32, kernel=k) for k in ("torch", "triton")}
