@@ -40,7 +40,9 @@ setup(
         "triton>=3.6; platform_system=='Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.15", "matplotlib>=3.8", "ruff>=0.6"],
+        # kernels: Hugging Face's package (transformers >= 5.25 requires it), so the tests check that ours never
+        # shadows it whichever transformers is installed
+        "test": ["pytest>=8", "peft>=0.15", "matplotlib>=3.8", "ruff>=0.6", "kernels>=0.19"],
         "bench": ["matplotlib>=3.8", "peft>=0.15"],
         "flash": ["flash-attn>=2.6"],
     },

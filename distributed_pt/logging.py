@@ -129,7 +129,10 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"cpu: {platform.machine()}, {os.cpu_count()} cores (no GPU)"
+        # the vector ISA ATen and oneDNN dispatch to: AVX2 and AVX-512 machines round differently, so a demo's
+        # figures differ between them even with the same versions
+        isa = torch.backends.cpu.get_cpu_capability()
+        device = f"cpu: {platform.machine()} {isa}, {os.cpu_count()} cores (no GPU)"
     info = {"device": device}
     for pkg in PACKAGES:
         try:  # metadata, not import: deepspeed's import is slow and noisy
