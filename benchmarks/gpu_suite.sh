@@ -59,6 +59,8 @@ fi
 
 export TORCH_CUDA_ARCH_LIST=9.0 # DeepSpeed's JIT builder cannot parse the image's 9.0a (H100/H200)
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+# Our kernels import as distributed_pt_kernels (setup.py maps kernels/ to that name; the repo is not installed here).
+((dry)) || { mkdir -p /tmp/site && ln -sfn "$PWD/kernels" /tmp/site/distributed_pt_kernels; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 statuses=()
