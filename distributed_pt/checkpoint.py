@@ -1,8 +1,12 @@
 """DeepSpeed checkpoints that are safe to crash in, exact resume, and export to Hugging Face format.
 
-Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, one ``rng_rank<r>.safetensors`` per rank) and a
-``latest`` file naming the newest *complete* step. ``latest`` is replaced atomically only after every rank has
-finished writing, so a crash mid-save leaves the previous checkpoint as the one to resume.
+Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, one ``rng_rank<r>.safetensors`` per rank, and a
+``manifest.json`` written last: every file with its size, and a sha256 of the small ones) and a ``latest`` file naming
+the newest *complete* step. ``latest`` is replaced atomically only after the manifest, so a crash mid-save leaves the
+previous checkpoint as the one to resume. Before a resume every rank checks the checkpoint against its manifest; a
+damaged one is set aside (renamed ``damaged_step_<N>``, nothing deleted) and the newest complete one before it is
+used instead, with a message that names the file. A save checks the free space first, and a failed write (a full
+disk) names the path and leaves the previous checkpoint the resume point.
 
 Resuming unpickles nothing, so a checkpoint from someone else cannot run code: the RNG states are safetensors, and
 DeepSpeed's own files are read with every ``torch.load`` forced to ``weights_only`` (see ``_weights_only``).
@@ -10,11 +14,14 @@ DeepSpeed's own files are read with every ``torch.load`` forced to ``weights_onl
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import pickle
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +32,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from distributed_pt import dist
 from distributed_pt.dist import barrier, is_main, rank
 from distributed_pt.models.zero import gathered, unwrap
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+SMALL_FILE = 1 << 20  # files up to this size get a checksum in the manifest (RNG states, configs, DeepSpeed's json)
 
 
 class CheckpointError(ValueError):
@@ -47,16 +57,15 @@ def _save_rng(path: Path) -> None:
     save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})  # JSON floats round-trip exactly
 
 
-def _read_rng(path: Path) -> Callable[[], None] | None:
-    """Parse and check the states `_save_rng` wrote, restoring nothing yet; returns the function that restores them
-    (None: this rank saved none)."""
+def _read_rng(path: Path) -> Callable[[], None]:
+    """Parse and check the states `_save_rng` wrote, restoring nothing yet; returns the function that restores them."""
     if not path.is_file():
         if path.with_suffix(".pt").is_file():
             raise CheckpointError(
                 f"{path.with_suffix('.pt')}: this checkpoint predates the safe RNG format ({path.name}); its pickle "
                 "is not loaded, since unpickling can run code. Start over with checkpoint.resume=none"
             )
-        return None
+        raise CheckpointError(f"{path}: missing (saved with fewer ranks than this run has, or damaged)")
     try:
         with safe_open(str(path), framework="pt") as f:
             scalars, t = json.loads(f.metadata()["scalars"]), {k: f.get_tensor(k) for k in f.keys()}
@@ -105,21 +114,31 @@ def _engines(engine_or_engines) -> dict[str, Any]:
 
 
 def save(engines, output_dir: str, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank must call it. Writes step_<step>, then points `latest` at it, then prunes old ones.
+    """Collective: every rank must call it. Writes step_<step> and its manifest, then points `latest` at it, then
+    prunes old ones. Raises CheckpointError naming the path when the disk is too full or a write fails.
 
     `engines`: one DeepSpeed engine, or {name: engine} (e.g. PPO's actor and critic).
     """
     root = Path(output_dir) / "checkpoints"
     tag = f"step_{step}"
-    for name, engine in _engines(engines).items():
-        where, sub = (root, tag) if not name else (root / tag, name)
-        engine.save_checkpoint(str(where), tag=sub, client_state=client_state, save_latest=False)
-    _save_rng(root / tag / f"rng_rank{rank()}.safetensors")
-    barrier()  # every rank's files are on disk before `latest` moves
+    problem = dist.broadcast_object(_space_problem(root) if is_main() else None)  # every rank stops, or none
+    if problem:
+        raise CheckpointError(problem)
+    if is_main() and (root / tag).is_dir():  # a half-written or set-aside save of this step: not ours to mix with
+        shutil.rmtree(root / tag)
+    barrier()
+    try:
+        for name, engine in _engines(engines).items():
+            where, sub = (root, tag) if not name else (root / tag, name)
+            engine.save_checkpoint(str(where), tag=sub, client_state=client_state, save_latest=False)
+        _save_rng(root / tag / f"rng_rank{rank()}.safetensors")
+        barrier()  # every rank's files are on disk before the manifest lists them
+        if is_main():
+            _write_manifest(root / tag)
+            _replace(root / LATEST, tag)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(_write_error(root, tag, e)) from e
     if is_main():
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / LATEST)
         steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name != tag)
         for _, old in steps[: max(0, len(steps) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -127,23 +146,161 @@ def save(engines, output_dir: str, step: int, client_state: dict[str, Any], keep
     return root / tag
 
 
-def find_resume(output_dir: str, resume: str) -> tuple[Path, str] | None:
-    """(checkpoint root, tag) to resume from: `auto` = the latest complete one in output_dir, `none`, or a path."""
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_manifest(step_dir: Path) -> None:
+    files = {}
+    for f in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entry: dict[str, Any] = {"size": f.stat().st_size}
+        if entry["size"] <= SMALL_FILE:
+            entry["sha256"] = _sha256(f)
+        files[f.relative_to(step_dir).as_posix()] = entry
+    _replace(step_dir / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def _size(step_dir: Path) -> int:
+    """Bytes of a complete checkpoint, from its manifest (0 when it has none)."""
+    try:
+        return sum(e["size"] for e in json.loads((step_dir / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _space_problem(root: Path) -> str | None:
+    """Why the next save would not fit: the newest complete checkpoint's size against the free space of `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    latest = root / LATEST
+    need = _size(root / latest.read_text().strip()) if latest.is_file() else 0
+    free = shutil.disk_usage(root).free
+    if need and free < need * 1.05:
+        return (
+            f"no space left on device for the next checkpoint in {root}: the last one took {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free; {latest.read_text().strip()} stays the resume point: free some space "
+            "(or lower checkpoint.keep_last) and run again"
+        )
+    return None
+
+
+def _write_error(root: Path, tag: str, e: BaseException) -> str:
+    """The message for a save that failed: the OS error (torch's writer hides a full disk behind 'unexpected pos')."""
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or free < 2**20
+    why = "no space left on device" if full else f"{type(e).__name__}: {e}"
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    keep = f"{latest} stays the resume point" if latest else "there is no earlier checkpoint"
+    return f"saving {root / tag} failed: {why} ({free / 2**20:.1f} MiB free); {keep}"
+
+
+def verify(step_dir: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None when every file its manifest lists is there, whole."""
+    if not step_dir.is_dir():
+        return f"{step_dir}: missing"
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{step_dir}: no {MANIFEST} (a save that never finished)"
+    except (OSError, ValueError, KeyError) as e:
+        return f"{step_dir / MANIFEST}: unreadable ({e})"
+    for name, entry in files.items():
+        f = step_dir / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{f}: {f.stat().st_size} bytes, {entry['size']} when saved (truncated or overwritten)"
+        if "sha256" in entry and _sha256(f) != entry["sha256"]:
+            return f"{f}: its checksum differs from the one saved"
+    return None
+
+
+def find_resume(output_dir: str, resume: str) -> tuple[Path, list[str], bool] | None:
+    """(checkpoint root, tags to try in order, strict) for `checkpoint.resume`: `auto` = the step `latest` names, then
+    every other step newest first; `none`; or a path: a checkpoints directory (as auto) or one step directory (that
+    one alone: strict)."""
     if resume == "none":
         return None
-    if resume == "auto":
-        root = Path(output_dir) / "checkpoints"
-        if not (root / LATEST).is_file():
-            return None
-        return root, (root / LATEST).read_text().strip()
-    path = Path(resume)
-    if (path / LATEST).is_file():  # a checkpoints/ directory
-        return path, (path / LATEST).read_text().strip()
-    if path.is_dir() and path.name.startswith("step_"):
-        return path.parent, path.name
-    raise FileNotFoundError(
-        f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory"
-    )
+    root = Path(output_dir) / "checkpoints" if resume == "auto" else Path(resume)
+    if resume != "auto" and root.is_dir() and root.name.startswith("step_"):
+        return root.parent, [root.name], True
+    if resume != "auto" and not (root / LATEST).is_file():
+        raise FileNotFoundError(
+            f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory"
+        )
+    latest = [(root / LATEST).read_text().strip()] if (root / LATEST).is_file() else []
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()), key=_step)
+    tags = latest + [p.name for p in reversed(steps) if p.name not in latest]
+    return (root, tags, False) if tags else None
+
+
+def _step(p: Path) -> int:
+    return _number(p.name)
+
+
+def _number(tag: str) -> int:
+    """N of step_N (-1 for anything else)."""
+    n = tag.split("_")[-1]
+    return int(n) if tag.startswith("step_") and n.isdigit() else -1
+
+
+def resume_point(output_dir: str, resume: str) -> tuple[Path, str] | None:
+    """Collective. The checkpoint to resume from (None: start fresh), checked against its manifest on every rank.
+
+    A damaged checkpoint is set aside as ``damaged_step_<N>`` and the newest complete one before it is used (said on
+    rank 0, with the file that is wrong); half-written step directories (no manifest, not named by `latest`) are
+    removed. With no complete checkpoint left, a CheckpointError says what is wrong and the way out.
+    """
+    found = dist.broadcast_object(find_resume(output_dir, resume) if is_main() else None)
+    if found is None:
+        return None
+    root, tags, strict = found
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    problems: dict[str, str] = {}
+    chosen = None
+    for tag in tags:
+        bad = next((p for p in dist.all_gather_object(verify(root / tag)) if p), None)
+        if bad is None:
+            chosen = tag
+            break
+        problems[tag] = bad
+    if chosen is not None:  # saves after the chosen one that never finished (a crash mid-save) go too
+        for tag in tags:
+            if _number(tag) > _number(chosen) and tag not in problems and not (root / tag / MANIFEST).exists():
+                problems[tag] = f"{root / tag}: no {MANIFEST} (a save that never finished)"
+    unfinished = {t for t in problems if t != latest and not (root / t / MANIFEST).exists()}
+    if strict and chosen is None and not (root / tags[0] / MANIFEST).exists() and (root / tags[0]).is_dir():
+        dist.print0(f"warning: {root / tags[0]} has no {MANIFEST} (written before manifests?): loading it unverified")
+        return root, tags[0]
+    if chosen is None and (strict or set(problems) != unfinished):
+        raise CheckpointError(
+            f"no complete checkpoint to resume in {root}: {'; '.join(problems.values())}. Start over with "
+            "checkpoint.resume=none or a new output_dir (nothing has been deleted), restore the files, or load a "
+            "checkpoint written before manifests unverified with checkpoint.resume=<its step_N directory>"
+        )
+    if is_main():
+        for tag, problem in problems.items():
+            if tag in unfinished:
+                shutil.rmtree(root / tag, ignore_errors=True)
+                print(f"removed {root / tag}: a save that never finished", flush=True)
+            elif (root / tag).exists():
+                aside = root / f"damaged_{tag}"
+                aside = aside if not aside.exists() else root / f"damaged_{tag}_{int(time.time())}"
+                os.replace(root / tag, aside)
+                print(f"checkpoint {root / tag} is damaged ({problem}); set aside as {aside.name}", flush=True)
+            else:
+                print(f"checkpoint {root / tag} is damaged ({problem})", flush=True)
+        if chosen is not None and chosen != latest:
+            _replace(root / LATEST, chosen)
+            print(f"resuming from {root / chosen}, the newest complete checkpoint", flush=True)
+    barrier()
+    return (root, chosen) if chosen is not None else None
 
 
 def load(engines, root: Path, tag: str) -> dict[str, Any]:
@@ -160,10 +317,14 @@ def load(engines, root: Path, tag: str) -> dict[str, Any]:
         except pickle.UnpicklingError as e:
             why = str(e).rsplit("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0]  # e.g. Unsupported global
             raise CheckpointError(f"{where / sub}: refusing to unpickle more than tensors and plain data: {why}") from e
+        except Exception as e:  # what the manifest cannot see (same size, other bytes) or another world size
+            raise CheckpointError(
+                f"{where / sub}: could not be loaded ({type(e).__name__}: {e}); resume an older checkpoint with "
+                f"checkpoint.resume=<its step_N directory>, or start over with checkpoint.resume=none"
+            ) from e
         if path is None:
-            raise FileNotFoundError(f"could not load DeepSpeed checkpoint {where / sub}")
-    if restore_rng is not None:
-        restore_rng()
+            raise CheckpointError(f"could not load DeepSpeed checkpoint {where / sub}")
+    restore_rng()
     return client_state
 
 

@@ -39,6 +39,8 @@ def init_distributed() -> None:
     # DeepSpeed 0.19's ZeRO calls torch's all_gather_into_tensor, which warns on every call that it is deprecated:
     # not ours to change, and read by users as an error.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available() and local_rank() == 0:
+        remove_stale_shm_buffers()
     deepspeed.init_distributed()
 
 
@@ -59,6 +61,25 @@ def shm_buffer() -> Path:
     /dev/shm until reboot; `destroy` removes it (a peer that still maps it keeps its mapping)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"
+
+
+def remove_stale_shm_buffers() -> list[Path]:
+    """Remove this user's DeepSpeed CPU all-reduce buffers that no live process maps: a run that crashed never reached
+    `destroy`, and each such file holds 64 MiB of RAM until reboot. Returns what was removed."""
+    mine = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    in_use: set[Path] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps") if mine else []:
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's
+            continue
+        in_use.update(b for b in mine if str(b) in text)
+    stale = [b for b in mine if b not in in_use]
+    for b in stale:
+        b.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} stale DeepSpeed buffer(s) of crashed runs from /dev/shm", flush=True)
+    return stale
 
 
 def rank() -> int:
@@ -124,3 +145,12 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,8 +58,61 @@ def run_stage(config: Path, nproc: int, overrides: list[str]) -> float:
         env.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: DeepSpeed warns when it has to guess
     print(f"\n=== {config.name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    run_job(cmd, env)
     return time.perf_counter() - start
+
+
+def run_job(cmd: list[str], env: dict[str, str]) -> None:
+    """Run the launcher in a process group of its own and wait for every process of it. SIGTERM, SIGINT or SIGHUP to
+    the pipeline is passed to the ranks (each saves a checkpoint and exits), and the pipeline then exits 143 once they
+    are gone, as launch/single_node.sh does; a stage that fails raises CalledProcessError."""
+    import psutil
+
+    job = subprocess.Popen(cmd, env=env, start_new_session=True)
+    stopping: list[int] = []
+
+    def stop(signum, frame) -> None:
+        stopping.append(signum)
+        print("pipeline: signal received: the ranks save a checkpoint and exit (status 143)", flush=True)
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if _is_rank(p.info["cmdline"]) and _pgid(p.pid) == job.pid]
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        if not ranks:
+            os.killpg(job.pid, signal.SIGTERM)
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        job.wait()
+        while _group_alive(job.pid):  # launch.py and the ranks outlive the launcher briefly
+            time.sleep(0.5)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stopping:
+        sys.exit(143)
+    if job.returncode:
+        raise subprocess.CalledProcessError(job.returncode, cmd)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _is_rank(cmdline: list[str] | None) -> bool:
+    """`python -u -m distributed_pt.train ...` (DeepSpeed's launchers name the module after --module instead)."""
+    cmdline = cmdline or []
+    return any(a == "-m" and b == "distributed_pt.train" for a, b in zip(cmdline, cmdline[1:], strict=False))
 
 
 def summary_table(results: dict[str, tuple[dict, float]]) -> str:

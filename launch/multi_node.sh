@@ -32,6 +32,8 @@
 #                      NCCL_IB_DISABLE=1 falls back to TCP sockets where InfiniBand is absent or misconfigured;
 #                      NCCL_DEBUG=INFO shows which transport was chosen. Forwarded to every node in ssh mode.
 #   HF_HUB_OFFLINE, HF_DATASETS_OFFLINE   default 1 (the model and data must be local on every node).
+# SIGTERM or Ctrl-C: every rank saves a checkpoint and exits (a signal to one node's script stops the whole job); the
+# script returns 143 once its node's ranks are gone (launch/job.sh). Exit statuses as in launch/single_node.sh.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; }
@@ -72,7 +74,8 @@ mode=()
 if [[ -n ${NODE_RANK:-} ]]; then
     mode=(--no_ssh --node_rank "$NODE_RANK")
 fi
-set -x
-exec "${deepspeed[@]}" --hostfile "$hostfile" "${mode[@]}" \
+# shellcheck source=launch/job.sh
+source "$repo_root/launch/job.sh"
+run_job "${deepspeed[@]}" --hostfile "$hostfile" "${mode[@]}" \
     --master_addr "${MASTER_ADDR:-$first_host}" --master_port "${MASTER_PORT:-29500}" "${ds_args[@]}" \
     --module distributed_pt.train "$config" "$@"

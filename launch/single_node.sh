@@ -6,11 +6,14 @@
 #   NUM_GPUS=4 MASTER_PORT=29611 launch/single_node.sh configs/sft_tiny.yaml
 #
 # Runs: deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT --module distributed_pt.train CONFIG [overrides]
+# SIGTERM or Ctrl-C: every rank saves a checkpoint and exits; the script returns 143 once they are gone (launch/job.sh).
+# Exit status: 0 done, 1 a training error, 2 a config or data error, 143 stopped by a signal with a checkpoint saved,
+# 247 a rank was killed (SIGKILL, e.g. out of memory) and the others were stopped.
 #
 # Environment (all optional):
 #   NUM_GPUS      ranks to start. Default: the GPUs `nvidia-smi -L` lists (or those in CUDA_VISIBLE_DEVICES, which
 #                 are then passed as --include so the chosen devices are used), else 2 CPU ranks.
-#   MASTER_PORT   rendezvous port, default 29500; give each concurrent job on a machine its own.
+#   MASTER_PORT   rendezvous port, default a free one.
 #   DEEPSPEED     launcher command, default `deepspeed`; e.g. "python -m deepspeed.launcher.runner" for a given venv.
 #   DS_ARGS       extra launcher flags, word-split, e.g. "--bind_cores_to_rank" (CPU; needs numactl).
 #   HF_HUB_OFFLINE, HF_DATASETS_OFFLINE   default 1: nothing is downloaded at run time (local models and data only).
@@ -29,7 +32,8 @@ fi
 config=$1
 shift
 
-# The repository root on PYTHONPATH: `--module distributed_pt.train` imports without `pip install -e .`.
+# The repository root on PYTHONPATH: `--module distributed_pt.train` imports without `pip install -e .` (the Triton
+# kernels, imported as distributed_pt_kernels on GPU, need the install).
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -55,8 +59,11 @@ if ((gpus == 0)); then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 
+port=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+
 read -r -a deepspeed <<<"${DEEPSPEED:-deepspeed}"
 read -r -a ds_args <<<"${DS_ARGS:-}"
-set -x
-exec "${deepspeed[@]}" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" "${ds_args[@]}" \
+# shellcheck source=launch/job.sh
+source "$repo_root/launch/job.sh"
+run_job "${deepspeed[@]}" "${placement[@]}" --master_port "$port" "${ds_args[@]}" \
     --module distributed_pt.train "$config" "$@"

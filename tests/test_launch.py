@@ -192,6 +192,25 @@ def test_slurm_time_limit_signal_stops_ranks_and_requeues(tmp_path):
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
 
 
+def test_slurm_cancel_stops_ranks_waits_and_does_not_requeue(tmp_path):
+    proc = subprocess.Popen(
+        ["bash", LAUNCH / "slurm.sbatch", CONFIG],
+        env=dict(_fake_slurm(tmp_path), FAKE_SLEEP="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline and not all((tmp_path / f"deepspeed-{n}").exists() for n in (0, 1)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what `scancel` delivers to the batch shell
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, output
+    for node in (0, 1):
+        assert (tmp_path / f"deepspeed-{node}").read_text().splitlines()[-1] == "TERM", output
+    assert not (tmp_path / "scontrol").exists()
+
+
 def test_a_finished_run_leaves_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU all-reduce buffers (64 MiB per rank in /dev/shm) are removed when a run ends."""
     shm = Path("/dev/shm")

@@ -18,16 +18,22 @@ A stage calls it like this, and keeps its own loop, `train_step`, eval and expor
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from distributed_pt import checkpoint, dist
@@ -53,20 +59,122 @@ class State:
     inputs: dict[str, str] = field(default_factory=dict)  # fingerprint of what trains: saved with every checkpoint
 
     def install_sigterm(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.sigterm.__setitem__(0, True))
+        """SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit (143); so does the DeepSpeed launcher
+        above this rank going away (`watch_launcher`)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.sigterm.__setitem__(0, True))
+        watch_launcher(self.sigterm)
+
+
+def watch_launcher(flag: list[bool], every_s: float = 1.0) -> threading.Thread | None:
+    """Under DeepSpeed's launcher, stop like on SIGTERM once the launcher is gone.
+
+    A signal to the `deepspeed` command kills it alone on one node (it forwards nothing), leaving its launch.py and
+    the ranks training with nobody to stop them; each rank therefore watches its parent (launch.py) and the command
+    above it, and sets `flag` when either has gone. Returns the watching thread (None when not under the launcher).
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(parent.cmdline()):
+            return None
+        watched = [parent] + [p for p in parent.parents()[:1] if "deepspeed" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return None
+
+    def is_gone(p: psutil.Process) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def watch() -> None:
+        while not flag[0]:
+            time.sleep(every_s)
+            gone = [p for p in watched if is_gone(p)]
+            if gone:
+                print(f"rank {dist.rank()}: the launcher ({gone[0].pid}) is gone; saving a checkpoint and stopping",
+                      flush=True)  # fmt: skip
+                flag[0] = True
+
+    thread = threading.Thread(target=watch, name="watch_launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def start(cfg: Any) -> Path:
-    """Every stage's first lines: process group, seed, output dir with the resolved config (printed on rank 0)."""
+    """Every stage's first lines: process group, seed, the output dir locked for this run, the resolved config printed
+    on rank 0 (config.yaml is written once the run is known to start: `Run`)."""
     from distributed_pt.engine.metrics import set_seed
 
     dist.init_distributed()
     set_seed(cfg.train.seed)
     out = Path(cfg.output_dir)
+    lock_output_dir(out)
+    if dist.is_main():
+        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+    return out
+
+
+_LOCK: list[Any] = []  # rank 0's open lock file: the lock lasts as long as the process
+
+
+def lock_output_dir(out: Path) -> None:
+    """One run per output dir: rank 0 holds an exclusive lock on <output_dir>/.run.lock (the kernel drops it when the
+    process ends, however it ends). A second run stops at once with a ConfigError naming the holder; a lock file left
+    by a run that died is taken over, and said."""
+    problem = None
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(json.dumps(to_dict(cfg), indent=1), flush=True)
+        f = open(out / ".run.lock", "a+")  # held open: the lock lasts while it is
+        f.seek(0)
+        holder = f.read().strip()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            problem = (
+                f"output_dir {out} is in use by another run ({holder or 'holder unknown'}); wait for it to end, "
+                "stop it, or choose another output_dir"
+            )
+            f.close()
+        else:
+            if holder:
+                print(f"output_dir {out}: taking over from a run that ended without finishing ({holder})", flush=True)
+            started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            f.seek(0)
+            f.truncate()
+            f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+            f.flush()
+            _LOCK[:] = [f]
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def release_output_dir() -> None:
+    """A finished run empties its lock file: a holder left in it means the run did not finish."""
+    if _LOCK:
+        _LOCK[0].truncate(0)
+        _LOCK[0].close()
+        _LOCK.clear()
+
+
+def write_config(cfg: Any, out: Path) -> None:
+    """config.yaml (rank 0). A config that differs from the one already there (a resumed run) is said, key by key."""
+    path = out / "config.yaml"
+    if path.is_file():
+        old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(cfg))
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+        if changed:
+            print(f"config changed since {path} was written:\n  " + "\n  ".join(changed), flush=True)
+    save_config(cfg, path)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "init_config" else {f"{prefix}{k}": v})
     return out
 
 
@@ -100,6 +208,8 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.state = State()
         self.client = resume(engines, cfg, self.state, inputs)
+        if dist.is_main():
+            write_config(cfg, self.out)
         self.logger = RunLogger(cfg.logging, cfg.output_dir, to_dict(cfg), resume_step=self.state.step)
         world, local = dist.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
         self.plan = run_plan(cfg, world, local) if dist.is_main() else {}  # logged and summarised by rank 0 only
@@ -164,7 +274,10 @@ class Run:
         self._stopping = should_stop(s)
 
     def save(self) -> None:
-        save(self.engines, self.cfg, self.state, **self._client_state())
+        try:
+            save(self.engines, self.cfg, self.state, **self._client_state())
+        except checkpoint.CheckpointError as e:  # a full disk or a failed write: the message names the path
+            self._exit(e)
 
     def finish(self, before: Metrics, after: Metrics) -> dict[str, Any]:
         """summary.json (held-out metrics before and after), W&B summary, teardown."""
@@ -181,6 +294,7 @@ class Run:
         self.logger.summary(after)
         self.logger.close()
         dist.destroy()
+        release_output_dir()
         return summary
 
     def _exit(self, error: Exception | None = None) -> None:
@@ -188,9 +302,11 @@ class Run:
         if error is not None:
             dist.print0(f"error: {error}")
         else:
-            dist.print0(f"SIGTERM: saved a checkpoint at step {self.state.step}; resume with checkpoint.resume=auto")
+            dist.print0(f"stopped by a signal: saved a checkpoint at step {self.state.step}; run again to resume")
         self.logger.close()
-        dist.destroy()
+        dist.destroy(barrier=error is None)  # after an error another rank may be stuck elsewhere
+        if error is None:
+            release_output_dir()  # stopped cleanly with a checkpoint
         sys.exit(1 if error is not None else 143)
 
 
@@ -207,10 +323,7 @@ def resume(engines: Any, cfg: Any, state: State, inputs: dict[str, str]) -> dict
     training data is a ConfigError rather than a silent mix of two runs.
     """
     state.inputs = inputs
-    # Rank 0 decides, so that every rank loads the same step even where a shared file system lags.
-    found = dist.broadcast_object(
-        checkpoint.find_resume(cfg.output_dir, cfg.checkpoint.resume) if dist.is_main() else None
-    )
+    found = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume)
     if found is None:
         return {}
     client, where = checkpoint.load(engines, *found), found[0] / found[1]

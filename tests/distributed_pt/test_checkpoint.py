@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from distributed_pt import checkpoint
-from distributed_pt.checkpoint import LATEST, CheckpointError, find_resume, gathered_state_dict
+from distributed_pt.checkpoint import LATEST, CheckpointError, find_resume, gathered_state_dict, resume_point
 
 
 def make_step(root: Path, step: int) -> Path:
@@ -88,50 +88,108 @@ def test_the_payload_is_live(tmp_path, writer):
     assert (tmp_path / "marker").exists()
 
 
-# --- find_resume -----------------------------------------------------------------------------------------------------
+# --- find_resume / resume_point --------------------------------------------------------------------------------------
+
+
+def saved(tmp_path: Path, *steps: int) -> Path:
+    """Complete checkpoints (with manifests) of `steps`, as `save` writes them; returns the checkpoints root."""
+    for step in steps:
+        checkpoint.save(FakeEngine(), str(tmp_path), step, {"step": step}, keep_last=0)
+    return tmp_path / "checkpoints"
 
 
 def test_auto_without_checkpoints(tmp_path):
-    assert find_resume(str(tmp_path), "auto") is None
+    assert resume_point(str(tmp_path), "auto") is None
     (tmp_path / "checkpoints").mkdir()
-    assert find_resume(str(tmp_path), "auto") is None
+    assert resume_point(str(tmp_path), "auto") is None
 
 
 def test_auto_with_latest(tmp_path):
-    root = tmp_path / "checkpoints"
-    make_step(root, 10)
-    make_step(root, 20)
+    root = saved(tmp_path, 10, 20)
     (root / LATEST).write_text("step_10\n")
-    assert find_resume(str(tmp_path), "auto") == (root, "step_10")
+    assert find_resume(str(tmp_path), "auto") == (root, ["step_10", "step_20"], False)
+    assert resume_point(str(tmp_path), "auto") == (root, "step_10")
 
 
-def test_auto_ignores_step_dirs_that_latest_does_not_name(tmp_path):
-    # A crash mid-save leaves a newer step directory but `latest` still names the previous complete one.
-    root = tmp_path / "checkpoints"
-    make_step(root, 10)
-    (root / LATEST).write_text("step_10")
+def test_half_written_steps_are_removed_and_the_latest_complete_one_resumes(tmp_path, capsys):
+    # A crash mid-save leaves a newer step directory without a manifest; `latest` still names the complete one.
+    root = saved(tmp_path, 10)
     make_step(root, 20)
-    assert find_resume(str(tmp_path), "auto") == (root, "step_10")
-    # A first save that crashed: a step directory and no `latest` at all → start fresh.
+    assert resume_point(str(tmp_path), "auto") == (root, "step_10")
+    assert not (root / "step_20").exists() and "never finished" in capsys.readouterr().out
+    # A first save that crashed: a step directory and no `latest` at all → start fresh, the leftover removed.
     other = tmp_path / "other"
     make_step(other / "checkpoints", 5)
-    assert find_resume(str(other), "auto") is None
+    assert resume_point(str(other), "auto") is None
+    assert not (other / "checkpoints" / "step_5").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("truncate", "bytes, "),
+        ("empty", "0 bytes"),
+        ("delete", "missing"),
+        ("rng", "rng_rank0.safetensors: missing"),
+        ("flip", "checksum"),
+        ("latest_missing_step", "step_30: missing"),
+        ("manifest", "no manifest.json"),
+    ],
+)
+def test_a_damaged_latest_falls_back_to_the_previous_complete_one(tmp_path, capsys, damage, says):
+    root = saved(tmp_path, 10, 20)
+    step = root / "step_20"
+    state = step / "client_state.json"
+    if damage == "truncate":
+        state.write_text(state.read_text()[:-3])
+    elif damage == "empty":
+        state.write_text("")
+    elif damage == "delete":
+        state.unlink()
+    elif damage == "rng":
+        (step / "rng_rank0.safetensors").unlink()
+    elif damage == "flip":
+        state.write_text(state.read_text().replace("20", "21"))
+    elif damage == "latest_missing_step":
+        (root / LATEST).write_text("step_30")
+    else:
+        (step / "manifest.json").unlink()
+    expected = "step_20" if damage == "latest_missing_step" else "step_10"  # step_20 is whole there
+    assert resume_point(str(tmp_path), "auto") == (root, expected)
+    out = capsys.readouterr().out
+    assert says in out and expected in out, out
+    assert (root / LATEST).read_text() == expected
+    if damage != "latest_missing_step":  # the damaged one is kept aside, nothing deleted
+        assert (root / "damaged_step_20" / "client_state.json").exists() or damage == "delete"
+        assert not step.exists()
+
+
+def test_no_complete_checkpoint_left_names_the_damage_and_the_way_out(tmp_path):
+    root = saved(tmp_path, 10)
+    (root / "step_10" / "client_state.json").write_text("")
+    with pytest.raises(CheckpointError, match=r"client_state.json: 0 bytes.*checkpoint.resume=none"):
+        resume_point(str(tmp_path), "auto")
+    assert (root / "step_10").is_dir()  # left as it was, for the user to look at
 
 
 def test_none_never_resumes(tmp_path):
-    root = tmp_path / "checkpoints"
-    make_step(root, 10)
-    (root / LATEST).write_text("step_10")
-    assert find_resume(str(tmp_path), "none") is None
+    saved(tmp_path, 10)
+    assert resume_point(str(tmp_path), "none") is None
 
 
 def test_explicit_checkpoints_dir_and_step_dir(tmp_path):
-    root = tmp_path / "run" / "checkpoints"
-    step = make_step(root, 30)
-    make_step(root, 40)
-    (root / LATEST).write_text("step_40")
-    assert find_resume("unused", str(root)) == (root, "step_40")
-    assert find_resume("unused", str(step)) == (root, "step_30")
+    root = saved(tmp_path / "run", 30, 40)
+    assert resume_point("unused", str(root)) == (root, "step_40")
+    assert resume_point("unused", str(root / "step_30")) == (root, "step_30")
+    (root / "step_30" / "client_state.json").write_text("")
+    with pytest.raises(CheckpointError, match="0 bytes"):  # named explicitly: no fallback
+        resume_point("unused", str(root / "step_30"))
+
+
+def test_explicit_step_without_manifest_loads_unverified(tmp_path, capsys):
+    step = make_step(tmp_path / "checkpoints", 7)
+    assert resume_point("unused", str(step)) == (step.parent, "step_7")
+    assert "unverified" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad", ["does/not/exist", "step_3_missing"])
@@ -159,16 +217,19 @@ def test_save_moves_latest_after_writing(tmp_path):
     assert (path / "rng_rank0.safetensors").is_file()
     assert not (path / "rng_rank0.pt").exists()
     assert not list(root.glob(".*tmp"))  # the temporary file was renamed into place
-    assert find_resume(str(tmp_path), "auto") == (root, "step_5")
+    assert resume_point(str(tmp_path), "auto") == (root, "step_5")
+    manifest = json.loads((path / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"client_state.json", "rng_rank0.safetensors"}
+    assert all("sha256" in e and e["size"] > 0 for e in manifest.values())
 
 
 def test_crash_mid_save_keeps_the_previous_latest(tmp_path):
     checkpoint.save(FakeEngine(), str(tmp_path), 5, {"step": 5}, keep_last=2)
-    with pytest.raises(RuntimeError, match="mid-save"):
+    with pytest.raises(CheckpointError, match=r"saving .*step_10 failed: RuntimeError: killed mid-save.*step_5 stays"):
         checkpoint.save(FakeEngine(crash=True), str(tmp_path), 10, {"step": 10}, keep_last=2)
     root = tmp_path / "checkpoints"
     assert (root / "step_10").is_dir()  # partially written
-    assert find_resume(str(tmp_path), "auto") == (root, "step_5")
+    assert resume_point(str(tmp_path), "auto") == (root, "step_5")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2, 3])
@@ -186,7 +247,7 @@ def test_load_restores_rng_and_returns_client_state(tmp_path):
     checkpoint.save(LoadingEngine(), str(tmp_path), 7, {"step": 7, "micro_step": 14}, keep_last=2)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    root, tag = find_resume(str(tmp_path), "auto")
+    root, tag = resume_point(str(tmp_path), "auto")
     assert checkpoint.load(LoadingEngine(), root, tag) == {"step": 7, "micro_step": 14}
     torch.testing.assert_close(torch.rand(3), expected)
 
@@ -210,7 +271,7 @@ def test_rng_round_trips_exactly(tmp_path, engine):
     checkpoint.save(engine(), str(tmp_path), 3, client, keep_last=1)
     expected = draws()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    assert checkpoint.load(engine(), *find_resume(str(tmp_path), "auto")) == client
+    assert checkpoint.load(engine(), *resume_point(str(tmp_path), "auto")) == client
     got = draws()
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
@@ -305,7 +366,13 @@ def test_load_of_a_missing_checkpoint_is_an_error(tmp_path):
         def load_checkpoint(self, load_dir, tag):
             return None, None
 
-    with pytest.raises(FileNotFoundError, match="step_1"):
+    checkpoint._save_rng(tmp_path / "rng_rank0.safetensors")
+    (tmp_path / "step_1").mkdir()
+    os.replace(tmp_path / "rng_rank0.safetensors", tmp_path / "step_1" / "rng_rank0.safetensors")
+    with pytest.raises(CheckpointError, match="step_1"):
+        checkpoint.load(Empty(), tmp_path, "step_1")
+    (tmp_path / "step_1" / "rng_rank0.safetensors").unlink()  # a missing RNG state is damage, not a silent skip
+    with pytest.raises(CheckpointError, match="rng_rank0.safetensors: missing"):
         checkpoint.load(Empty(), tmp_path, "step_1")
 
 
