@@ -34,7 +34,7 @@ def _start(cmd: list[str], out: Path, log: Path, **extra_env: str) -> subprocess
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env(), **extra_env), stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text():
+        if " loss=" in log.read_text(errors="replace"):  # this run's console: step=N loss=...
             return proc
         time.sleep(0.2)
     proc.kill()
@@ -130,13 +130,11 @@ def sft_copy(sft_zero2_run, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["model_states_truncated", "optimizer_of_rank1_truncated", "rng_of_rank1_missing"])
+# (a truncated or empty model-states file, a deleted `latest`, a flipped byte: tests/distributed_pt/test_checkpoint.py)
+@pytest.mark.parametrize("damage", ["optimizer_of_rank1_truncated", "rng_of_rank1_missing"])
 def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes_exactly(sft_copy, damage):
     step40 = sft_copy / "checkpoints" / "step_40"
-    if damage == "model_states_truncated":
-        f = step40 / "mp_rank_00_model_states.pt"
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    elif damage == "optimizer_of_rank1_truncated":
+    if damage == "optimizer_of_rank1_truncated":
         f = step40 / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
         f.write_bytes(f.read_bytes()[:100])
     else:
@@ -204,3 +202,30 @@ def test_free_port_default_of_single_node():
     text = (ROOT / "launch" / "single_node.sh").read_text()
     assert '--master_port "$port"' in text and "s.bind((" in text
     assert free_port() > 0
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_rank_during_saves_never_leaves_an_unloadable_latest(tmp_path):
+    """A rank killed at arbitrary points of a run that saves every step: `latest` always names a complete checkpoint
+    (by its manifest), and the next run resumes from it."""
+    out = tmp_path / "out"
+    overrides = [*TINY_SFT, f"output_dir={out}", *LONG[:2], "checkpoint.save_every=1", "checkpoint.keep_last=2"]
+    root = out / "checkpoints"
+    for i, delay in enumerate((0.3, 1.1)):  # rank 0, then rank 1
+        log = tmp_path / f"run{i}.log"
+        proc = _start(launch_cmd(SFT_CONFIG, overrides), out, log)
+        time.sleep(delay)
+        ranks = [
+            p for p in psutil.process_iter(["cmdline"]) if f"output_dir={out}" in " ".join(p.info["cmdline"] or [])
+        ]
+        victim = next(p for p in ranks if f"--local_rank={i % 2}" in p.info["cmdline"])
+        victim.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+        deadline = time.time() + 60
+        while _job(out) and time.time() < deadline:
+            time.sleep(0.2)
+        latest = (root / "latest").read_text()
+        assert verify(root / latest) is None, (latest, log.read_text()[-3000:])
+    step = int((root / "latest").read_text().split("_")[1])
+    proc = run_launcher(SFT_CONFIG, [*TINY_SFT, f"output_dir={out}", f"train.max_steps={step + 1}"])
+    assert f"resumed from {root / f'step_{step}'} at step {step}" in proc.stdout + proc.stderr

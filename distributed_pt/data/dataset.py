@@ -41,7 +41,8 @@ import numpy as np
 from distributed_pt import dist
 from distributed_pt.data.io import DataError, Row, files_sha256, iter_rows, resolve, row_json, tokenizer_digest
 
-FORMAT_VERSION = 4  # bump when the cache layout or a tokenization rule changes
+FORMAT_VERSION = 5  # bump when the cache layout or a tokenization rule changes
+UNKNOWN_WARN = 0.01  # a share of unknown tokens above this is a warning in the data summary
 ROWS_PER_WORKER = 2000  # a tokenization worker per this many rows at most: a process costs more than small data
 
 
@@ -51,10 +52,18 @@ class DatasetStats:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> count, only reasons that happened
+    tokens: int = 0  # token ids in the kept rows
+    unknown: int = 0  # of them, the tokenizer's unknown token (text its vocabulary does not cover)
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        return f"{self.kept}/{self.rows} rows kept, {self.truncated} truncated, dropped: {drops}"
+        text = f"{self.kept}/{self.rows} rows kept, {self.truncated} truncated, dropped: {drops}"
+        if self.unknown:
+            share = self.unknown / self.tokens
+            text += f", {share:.2%} of the tokens unknown to the tokenizer"
+            if share > UNKNOWN_WARN:
+                text += " (warning: is this the model's tokenizer, and does it cover this data?)"
+        return text
 
 
 @dataclass
@@ -308,8 +317,25 @@ def _select(recipe: Recipe, ds: Any, idx: np.ndarray, is_eval: bool) -> tuple[Da
     n_dropped = int(dropped.sum())
     stats = DatasetStats(len(idx), len(keep), int(truncated.sum()), Counter({recipe.drop_reason: n_dropped}))
     stats.dropped = +stats.dropped  # only reasons that happened
+    stats.tokens, stats.unknown = _unknown_tokens(recipe, ds, keep)
     columns = [*recipe.columns, "where", "length"] + (["row"] if is_eval and recipe.keep_eval_rows else [])
     return stats, ds.select_columns(columns).select(keep)
+
+
+def _unknown_tokens(recipe: Recipe, ds: Any, keep: np.ndarray) -> tuple[int, int]:
+    """(tokens, of them the tokenizer's unknown token) in the kept rows' id columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    unk = getattr(recipe.fn_kwargs.get("tokenizer"), "unk_token_id", None)
+    table = ds.data.table.take(pa.array(keep, type=pa.int64()))
+    tokens = unknown = 0
+    for column in (c for c, kind in recipe.columns.items() if kind == "ids" and c != "labels"):  # the inputs
+        values = pc.list_flatten(table.column(column))
+        tokens += len(values)
+        if unk is not None:
+            unknown += pc.sum(pc.equal(values, unk)).as_py() or 0
+    return tokens, unknown
 
 
 def _remove_dead_builds(final: Path) -> None:

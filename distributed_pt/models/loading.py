@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from distributed_pt import dist
 from distributed_pt.config import DEMO_DIR, ConfigError, LoraConfig, ModelConfig
+from distributed_pt.data.io import tokenizer_digest
 from distributed_pt.models.presets import check_preset_matches, hf_config, load_preset
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,6 +43,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     )
     if tok.eos_token_id is None:
         raise ConfigError(f"{key}: the tokenizer at '{path}' has no EOS token; set one in its tokenizer_config.json")
+    saved = Path(cfg.path) if cfg.path is not None and cfg.tokenizer is not None else None
+    if saved is not None and any((saved / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        theirs = AutoTokenizer.from_pretrained(saved, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        if tokenizer_digest(theirs) != tokenizer_digest(tok):
+            dist.print0(
+                f"warning: model.tokenizer ({path}, {len(tok)} tokens) is not the tokenizer saved with model.path "
+                f"({saved}, {len(theirs)} tokens): the model learned the saved one's ids"
+            )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

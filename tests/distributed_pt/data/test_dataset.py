@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,8 @@ def test_the_cached_examples_equal_the_in_memory_rule_on_the_demo_data(tok, tmp_
     train, evals, eval_rows, stats = load_sft_data(tok, cfg, 3, tmp_path / "cache")
     rows, held = split_rows(read_rows(files), 0.05, seed=3)
     want, want_stats = build_examples(tok, rows, 10, "right")
-    assert list(train) == want and stats["train"] == want_stats and want_stats.dropped
+    assert list(train) == want and replace(stats["train"], tokens=0) == want_stats and want_stats.dropped
+    assert stats["train"].tokens == sum(len(e.input_ids) for e in want) and stats["train"].unknown == 0
     want_eval, _ = build_examples(tok, held, 10, "right")
     assert list(evals) == want_eval
     assert [(r.data, r.where) for r in eval_rows] == [
@@ -209,7 +211,12 @@ def test_the_cached_examples_equal_the_in_memory_rule_on_the_demo_data(tok, tmp_
     pref = DataConfig(train_files=[str(DEMO / "pref_train.jsonl")], max_length=12)
     pairs, _, pair_stats = load_preference_data(tok, pref, 0, False, tmp_path / "cache")
     want_pairs, want_pair_stats = build_pairs(tok, read_rows(pref.train_files), pref, False)
-    assert list(pairs) == want_pairs and pair_stats["train"] == want_pair_stats and want_pair_stats.dropped
+    assert (
+        list(pairs) == want_pairs
+        and replace(pair_stats["train"], tokens=0) == want_pair_stats
+        and want_pair_stats.dropped
+    )
+    assert pair_stats["train"].tokens == sum(len(p.chosen) + len(p.rejected) for p in want_pairs)
 
 
 def test_dataset_interface(tok, tmp_path):
@@ -274,3 +281,14 @@ def test_two_ranks_share_one_build_and_one_error(tok, tmp_path):
     err = run_two_ranks([data, bad], tmp_path / "cache")
     assert err[0][0] == err[1][0] == "DataError" and err[0][1] == err[1][1]
     assert f"{bad}:2: missing field 'response'" in err[1][1]
+
+
+def test_the_share_of_unknown_tokens_is_counted_and_warned(tok, tmp_path):
+    # The demo tokenizer has no Greek letters: a tokenizer that does not cover the data turns them into <unk>.
+    clean = load(tok, tmp_path, [jsonl(tmp_path / "ok.jsonl", ROWS)])[3]["train"]
+    assert clean.unknown == 0 and clean.tokens > 0 and "unknown" not in clean.summary()
+    rows = [{"prompt": f"sort : {c} a =", "response": "a ΩΩ"} for c in "bcdefghijk"]
+    stats = load(tok, tmp_path, [jsonl(tmp_path / "greek.jsonl", rows)])[3]["train"]
+    assert stats.unknown == 10 * tok(" ΩΩ")["input_ids"].count(tok.unk_token_id) > 0  # input ids only, not labels
+    assert f"{stats.unknown / stats.tokens:.2%} of the tokens unknown" in stats.summary()
+    assert "warning: is this the model's tokenizer" in stats.summary()

@@ -184,3 +184,17 @@ def test_attention_implementation():
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ConfigError, match="flash-attn"):
             attention_implementation(ModelConfig(attn_implementation="flash_attention_2"))
+
+
+def test_a_tokenizer_other_than_the_models_saved_one_is_warned(tmp_path, capsys):
+    demo = load_tokenizer(ModelConfig())
+    demo.save_pretrained(tmp_path / "model")  # the model directory's own tokenizer
+    small = load_tokenizer(ModelConfig())
+    small.add_tokens(["<extra>"])
+    small.save_pretrained(tmp_path / "other")
+    load_tokenizer(ModelConfig(path=str(tmp_path / "model"), tokenizer=str(tmp_path / "model")))
+    assert "warning" not in capsys.readouterr().out
+    load_tokenizer(ModelConfig(path=str(tmp_path / "model"), tokenizer=str(tmp_path / "other")))
+    out = capsys.readouterr().out
+    assert f"model.tokenizer ({tmp_path / 'other'}, {len(small)} tokens) is not the tokenizer saved" in out
+    assert f"({tmp_path / 'model'}, {len(demo)} tokens)" in out
