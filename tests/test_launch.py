@@ -173,7 +173,14 @@ def test_slurm_script_starts_one_no_ssh_launcher_per_node(tmp_path):
     assert not (tmp_path / "scontrol").exists()  # no requeue
 
 
-def test_slurm_time_limit_signal_stops_ranks_and_requeues(tmp_path):
+@pytest.mark.parametrize(
+    "sig, status, requeued",
+    [
+        (signal.SIGUSR1, 0, True),  # what `#SBATCH --signal=B:USR1@300` delivers: time is up, come back
+        (signal.SIGTERM, 143, False),  # what `scancel` delivers to the batch shell: stop, and wait for the ranks
+    ],
+)
+def test_slurm_signals_stop_the_ranks(tmp_path, sig, status, requeued):
     proc = subprocess.Popen(
         ["bash", LAUNCH / "slurm.sbatch", CONFIG],
         env=dict(_fake_slurm(tmp_path), FAKE_SLEEP="1"),
@@ -184,31 +191,15 @@ def test_slurm_time_limit_signal_stops_ranks_and_requeues(tmp_path):
     deadline = time.time() + 30
     while time.time() < deadline and not all((tmp_path / f"deepspeed-{n}").exists() for n in (0, 1)):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` delivers
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, output
+    assert proc.returncode == status, output
     for node in (0, 1):
         assert (tmp_path / f"deepspeed-{node}").read_text().splitlines()[-1] == "TERM", output
-    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
-
-
-def test_slurm_cancel_stops_ranks_waits_and_does_not_requeue(tmp_path):
-    proc = subprocess.Popen(
-        ["bash", LAUNCH / "slurm.sbatch", CONFIG],
-        env=dict(_fake_slurm(tmp_path), FAKE_SLEEP="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline and not all((tmp_path / f"deepspeed-{n}").exists() for n in (0, 1)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # what `scancel` delivers to the batch shell
-    output, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 143, output
-    for node in (0, 1):
-        assert (tmp_path / f"deepspeed-{node}").read_text().splitlines()[-1] == "TERM", output
-    assert not (tmp_path / "scontrol").exists()
+    if requeued:
+        assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+    else:
+        assert not (tmp_path / "scontrol").exists()
 
 
 def test_a_finished_run_leaves_no_shared_memory_behind(tmp_path):

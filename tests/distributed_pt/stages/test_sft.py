@@ -102,7 +102,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, sft_zero2_
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, "a run stopped by SIGTERM must not report success"
     stopped_at = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
-    assert f"SIGTERM: saved a checkpoint at step {stopped_at}" in stdout, stdout[-3000:]
+    assert f"stopped by a signal: saved a checkpoint at step {stopped_at}" in stdout, stdout[-3000:]
     assert 1 <= stopped_at < STEPS
 
     run_launcher(CONFIG, overrides)  # checkpoint.resume=auto
