@@ -215,10 +215,12 @@ class ZeroSettings:
     fit_buckets: bool = True
 
     @classmethod
-    def of(cls, cfg: Any) -> ZeroSettings:
+    def of(cls, cfg: Any, world: int) -> ZeroSettings:
+        """What the run will use at `world` data-parallel ranks (one rank runs stage 0 unless told otherwise)."""
         from distributed_pt.engine.deepspeed import build_ds_config
 
-        zero = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, cfg.model.dtype, 1)["zero_optimization"]
+        train = dataclasses.replace(cfg.train, global_batch_size=None)  # the batch check is the run's, not the plan's
+        zero = build_ds_config(cfg.deepspeed, train, cfg.optim, cfg.model.dtype, world)["zero_optimization"]
 
         def on(key: str) -> bool:
             return zero.get(key, {}).get("device", "none") not in ("none", None)
@@ -291,7 +293,7 @@ def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
 def make_plan(cfg: Any, hw: Hardware) -> Plan:
     """Per-GPU memory and step time of `cfg` (any stage config) on `hw`; suggestions are added by `suggest`."""
     stage, world, b = cfg.stage, hw.world, 4 if cfg.model.dtype == "fp32" else 2
-    z = ZeroSettings.of(cfg)
+    z = ZeroSettings.of(cfg, world)
     main = arch(cfg.model, cfg.lora, world, head="score" if stage == "rm" else "lm")
     items, host = model_states(main, z, world, b)
     items["communication buffers"] = buffers(z, b, main.trainable)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from torch import nn
 from distributed_pt.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig
 from distributed_pt.engine import deepspeed as ds_mod
 from distributed_pt.engine.deepspeed import build_ds_config, lr_lambda, param_groups
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 
 def build(config="configs/deepspeed/zero2.json", dtype="bf16", world=2, ds=None, train=None, optim=None):
@@ -135,11 +138,59 @@ def test_precision_flags(dtype, bf16, fp16):
 
 def test_torch_adam_off_gpu_unless_the_optimizer_is_offloaded(monkeypatch):
     monkeypatch.setattr(ds_mod.torch.cuda, "is_available", lambda: False)
-    assert build()["optimizer"]["params"]["torch_adam"] is True
+    params = build()["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
     offloaded = build(ds=DeepSpeedConfig(config="configs/deepspeed/zero2_offload.json"))
     assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam runs on CPU
     monkeypatch.setattr(ds_mod.torch.cuda, "is_available", lambda: True)
-    assert "torch_adam" not in build()["optimizer"]["params"]  # FusedAdam on GPU
+    assert not {"torch_adam", "fused"} & set(build()["optimizer"]["params"])  # FusedAdam on GPU
+
+
+ONE_STEP = """
+import copy, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from distributed_pt import dist
+from distributed_pt.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from distributed_pt.engine.deepspeed import build_ds_config, initialize, lr_lambda, param_groups
+
+dist.setup_single_process_env()
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2))
+reference = copy.deepcopy(model)
+optim = OptimConfig(lr=3e-3, weight_decay=0.1, warmup_steps=2, grad_clip=0.5)
+conf = build_ds_config(DeepSpeedConfig(config=sys.argv[1]), TrainConfig(micro_batch_size=2), optim, "fp32", 1)
+engine = initialize(model, conf, optim, total_steps=10)
+basic = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+assert isinstance(basic, torch.optim.AdamW) and basic.defaults["fused"] is True, basic.defaults
+ref_opt = torch.optim.AdamW(param_groups(reference, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                            eps=optim.eps, foreach=False, fused=False)
+ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_lambda(optim, 10))
+for step in range(3):
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(step))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), optim.grad_clip)
+    ref_opt.step(); ref_sched.step(); ref_opt.zero_grad()
+    torch.testing.assert_close(float(engine.get_global_grad_norm()), norm.item(), rtol=1e-5, atol=0)
+    for (name, got), want in zip(engine.module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+dist.destroy()
+print("SAME")
+"""
+
+
+@pytest.mark.parametrize("config", ["configs/deepspeed/zero0.json", "configs/deepspeed/zero2.json"])
+def test_the_fused_cpu_adamw_steps_like_the_reference_adamw(config):
+    """Three clipped steps through DeepSpeed (fused torch AdamW off GPU) equal torch's reference AdamW's, parameter for
+    parameter, to fp32 tolerance (ZeRO-2 steps the flat partition; the reference, per tensor without foreach), and the
+    logged gradient norm is the reference's (kept at stage 0 too)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", ONE_STEP, config], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")))
@@ -238,7 +289,7 @@ def test_the_reduce_bucket_is_fitted_to_the_trainable_parameters():
 
     def fitted(trainable: int, **ds) -> dict:
         conf = build_ds_config(DeepSpeedConfig(config="configs/deepspeed/zero2.json", **ds), TrainConfig(),
-                               OptimConfig(), "bf16", 1)  # fmt: skip
+                               OptimConfig(), "bf16", 2)  # fmt: skip
         fit_reduce_bucket(conf, trainable)
         assert FIT_BUCKETS not in conf  # never reaches DeepSpeed
         return conf["zero_optimization"]
@@ -247,3 +298,17 @@ def test_the_reduce_bucket_is_fitted_to_the_trainable_parameters():
     assert fitted(10**10)["reduce_bucket_size"] == 5e8
     assert fitted(1000, fit_buckets=False)["reduce_bucket_size"] == 5e8
     assert fitted(1000, zero_stage=0)["reduce_bucket_size"] == 5e8
+
+
+def test_one_data_parallel_rank_runs_stage_0_unless_told(capsys):
+    def zero(world: int, **ds) -> tuple[dict, dict]:
+        conf = build_ds_config(DeepSpeedConfig(config="configs/deepspeed/zero2.json", **ds), TrainConfig(),
+                               OptimConfig(), "fp32", world)  # fmt: skip
+        return conf["zero_optimization"], conf
+
+    one, conf = zero(1)
+    assert one["stage"] == 0 and "deepspeed.zero_stage=2 keeps it" in conf[ds_mod.SINGLE_RANK_NOTE]
+    assert zero(2)[0]["stage"] == 2 and ds_mod.SINGLE_RANK_NOTE not in zero(2)[1]
+    assert zero(1, zero_stage=2)[0]["stage"] == 2  # said explicitly: kept
+    assert zero(1, offload_optimizer=True)[0]["stage"] == 2  # offload still moves memory off the GPU
+    assert zero(1, zero_stage=3)[0]["stage"] == 3
