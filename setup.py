@@ -43,7 +43,7 @@ setup(
         # kernels: Hugging Face's package (transformers >= 5.25 requires it), so the tests check that ours never
         # shadows it whichever transformers is installed
         "test": ["pytest>=8", "peft>=0.15", "matplotlib>=3.8", "ruff>=0.6", "kernels>=0.19"],
-        "bench": ["matplotlib>=3.8", "peft>=0.15"],
+        "bench": ["matplotlib>=3.8", "peft>=0.15", "trl>=1.16"],  # trl: the peer in benchmarks/bench_trl.py
         "flash": ["flash-attn>=2.6"],
     },
 )

@@ -159,6 +159,10 @@ def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, tota
     )
     if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
         _keep_grad_norm(engine)
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # Nothing to average over one rank, yet stage 0's all-reduce flattens every gradient into a bucket and back:
+        # two copies of all gradients a step, and the bucket's memory.
+        engine.enable_backward_allreduce = False
     return engine
 
 
