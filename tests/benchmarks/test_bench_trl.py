@@ -18,6 +18,10 @@ def test_both_sides_train_the_same_saved_model_and_are_recorded(tmp_path):
     )
     records = json.loads((tmp_path / "bench_trl_cpu.json").read_text())
     got = {(r["provider"], r["metric"]): r["value"] for r in records}
-    assert set(got) == {(p, m) for p in ("ours", "trl") for m in ("tokens_per_s", "peak_mem")}
+    metrics = ("tokens_per_s", "peak_mem")
+    ratios = {("ours/trl", f"{m} ratio") for m in metrics}
+    assert set(got) == {(p, m) for p in ("ours", "trl") for m in metrics} | ratios
     assert all(v > 0 for v in got.values())
+    for m in metrics:
+        assert got[("ours/trl", f"{m} ratio")] == pytest.approx(got[("ours", m)] / got[("trl", m)])
     assert (tmp_path / "bench_trl_cpu.md").is_file()
