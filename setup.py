@@ -13,7 +13,7 @@ setup(
     # The Triton kernels live in the repository's kernels/ folder and import as `distributed_pt_kernels`: the name
     # `kernels` belongs to Hugging Face's package, which transformers imports. kernels/ has no __init__.py, so from the
     # repository root `import kernels` still finds theirs. configs/ (presets, examples, DeepSpeed JSONs, the demo
-    # configs) ships as distributed_pt/configs, where distributed_pt.config.bundled finds it after a plain install.
+    # configs) ships as distributed_pt/configs, where distributed_pt.paths.bundled finds it after a plain install.
     packages=[
         *find_packages(include=["distributed_pt", "distributed_pt.*"]),
         "distributed_pt_kernels",

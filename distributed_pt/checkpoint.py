@@ -139,8 +139,8 @@ def save(engines, output_dir: str, step: int, client_state: dict[str, Any], keep
     except (OSError, RuntimeError) as e:
         raise CheckpointError(_write_error(root, tag, e)) from e
     if is_main():
-        steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name != tag)
-        for _, old in steps[: max(0, len(steps) - (keep_last - 1))] if keep_last > 0 else []:
+        steps = [p for p in _steps(root) if p.name != tag]
+        for old in steps[: max(0, len(steps) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return root / tag
@@ -178,13 +178,13 @@ def _size(step_dir: Path) -> int:
 def _space_problem(root: Path) -> str | None:
     """Why the next save would not fit: the newest complete checkpoint's size against the free space of `root`."""
     root.mkdir(parents=True, exist_ok=True)
-    latest = root / LATEST
-    need = _size(root / latest.read_text().strip()) if latest.is_file() else 0
+    latest = _latest(root)
+    need = _size(root / latest) if latest else 0
     free = shutil.disk_usage(root).free
     if need and free < need * 1.05:
         return (
             f"no space left on device for the next checkpoint in {root}: the last one took {need / 2**20:.1f} MiB, "
-            f"{free / 2**20:.1f} MiB are free; {latest.read_text().strip()} stays the resume point: free some space "
+            f"{free / 2**20:.1f} MiB are free; {latest} stays the resume point: free some space "
             "(or lower checkpoint.keep_last) and run again"
         )
     return None
@@ -195,7 +195,7 @@ def _write_error(root: Path, tag: str, e: BaseException) -> str:
     free = shutil.disk_usage(root).free if root.is_dir() else 0
     full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or free < 2**20
     why = "no space left on device" if full else f"{type(e).__name__}: {e}"
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    latest = _latest(root)
     keep = f"{latest} stays the resume point" if latest else "there is no earlier checkpoint"
     return f"saving {root / tag} failed: {why} ({free / 2**20:.1f} MiB free); {keep}"
 
@@ -230,24 +230,31 @@ def find_resume(output_dir: str, resume: str) -> tuple[Path, list[str], bool] | 
     root = Path(output_dir) / "checkpoints" if resume == "auto" else Path(resume)
     if resume != "auto" and root.is_dir() and root.name.startswith("step_"):
         return root.parent, [root.name], True
-    if resume != "auto" and not (root / LATEST).is_file():
+    latest = _latest(root)
+    if resume != "auto" and latest is None:
         raise FileNotFoundError(
             f"checkpoint.resume: '{resume}' is neither a checkpoints directory nor a step_<N> directory"
         )
-    latest = [(root / LATEST).read_text().strip()] if (root / LATEST).is_file() else []
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()), key=_step)
-    tags = latest + [p.name for p in reversed(steps) if p.name not in latest]
+    tags = ([latest] if latest else []) + [p.name for p in reversed(_steps(root)) if p.name != latest]
     return (root, tags, False) if tags else None
 
 
-def _step(p: Path) -> int:
-    return _number(p.name)
+def _latest(root: Path) -> str | None:
+    """The tag the `latest` file of a checkpoints directory names (None without one)."""
+    return (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
 
 
 def _number(tag: str) -> int:
     """N of step_N (-1 for anything else)."""
     n = tag.split("_")[-1]
     return int(n) if tag.startswith("step_") and n.isdigit() else -1
+
+
+def _steps(root: Path) -> list[Path]:
+    """The step_<N> directories of a checkpoints directory, oldest (smallest N) first."""
+    return sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and _number(p.name) >= 0), key=lambda p: _number(p.name)
+    )
 
 
 def resume_point(output_dir: str, resume: str) -> tuple[Path, str] | None:
@@ -261,7 +268,7 @@ def resume_point(output_dir: str, resume: str) -> tuple[Path, str] | None:
     if found is None:
         return None
     root, tags, strict = found
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    latest = _latest(root)
     problems: dict[str, str] = {}
     chosen = None
     for tag in tags:

@@ -25,6 +25,7 @@ def resolve_path(path: str | Path) -> Path:
     """A path as given when it exists (or is absolute), else the bundled file of that name when there is one, so the
     bundled configs and the paths inside them work from any working directory and after any kind of install."""
     p = Path(path)
-    if p.exists() or p.is_absolute() or not bundled(p).exists():
+    if p.exists() or p.is_absolute():
         return p
-    return bundled(p)
+    found = bundled(p)
+    return found if found.exists() else p

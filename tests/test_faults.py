@@ -5,6 +5,7 @@ survived; a full disk is named; a failed start writes no config.yaml."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from distributed_pt.checkpoint import verify
-from tests.conftest import ROOT, SFT_CONFIG, SFT_STEPS, TINY_SFT, env, free_port, launch_cmd, run_launcher, train_losses
+from tests.conftest import ROOT, SFT_CONFIG, SFT_STEPS, TINY_SFT, env, launch_cmd, run_launcher, train_losses
 
 LONG = ["train.max_steps=100000", "train.eval_every=0", "checkpoint.save_every=0"]
 
@@ -198,10 +199,22 @@ def test_a_failed_start_writes_no_config(tmp_path):
     assert not (out / "config.yaml").exists()
 
 
-def test_free_port_default_of_single_node():
-    text = (ROOT / "launch" / "single_node.sh").read_text()
-    assert '--master_port "$port"' in text and "s.bind((" in text
-    assert free_port() > 0
+def test_single_node_picks_a_free_port_unless_one_is_given():
+    """Two jobs on one machine no longer cross-wire on 29500: without MASTER_PORT the script asks the OS for a free
+    port (a stand-in launcher, `echo`, prints what it would run)."""
+    script = str(ROOT / "launch" / "single_node.sh")
+
+    def port(**extra: str) -> int:
+        e = {k: v for k, v in env().items() if k != "MASTER_PORT"}
+        out = subprocess.run(["bash", script, str(SFT_CONFIG)], env={**e, "DEEPSPEED": "echo", **extra},
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return int(out.split("--master_port ")[1].split()[0])
+
+    picked = port()
+    assert picked != 29500  # the old fixed default (a free port is that one about once in 28,000)
+    with socket.socket() as s:  # it was free: it can be bound now that nothing listens on it
+        s.bind(("", picked))
+    assert port(MASTER_PORT="29611") == 29611
 
 
 @pytest.mark.slow

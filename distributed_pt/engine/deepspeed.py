@@ -93,7 +93,7 @@ def build_ds_config(
     }
     # Off GPU and without offload, DeepSpeed's FusedAdam cannot run: torch's AdamW through DeepSpeed, fused (DeepSpeed
     # passes the extra key on): one kernel over each flat partition instead of the per-tensor loop it would pick
-    # (25M parameters on 2 CPU cores: 18 ms a step instead of 135 ms).
+    # (25M parameters on 2 CPU cores: 16.7 ms a step instead of 111 ms, benchmarks/results/sft_step_cpu_one_rank.md).
     if not torch.cuda.is_available() and not _offloaded(zero, "offload_optimizer"):
         conf["optimizer"]["params"].update(torch_adam=True, fused=True)
     return conf
