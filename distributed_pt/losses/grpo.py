@@ -68,6 +68,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     max_completion_length: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy objective with separate lower/upper bounds (DAPO clip-higher) and an optional k3 KL penalty.
 
@@ -95,6 +96,8 @@ def grpo_loss(
         ref_logprobs: (B, T) reference log-probs; required when beta > 0.
         beta: KL coefficient.
         max_completion_length: the generation length limit; required by "dr_grpo".
+        is_weights: (B, T) importance weights of the policy term (the off-policy correction of rollouts sampled by
+            another engine, `rl.offpolicy.truncated_is_weights`); the KL term is not weighted.
 
     Returns:
         The scalar float32 loss (masked positions may hold anything) and python-float stats over completion
@@ -120,6 +123,8 @@ def grpo_loss(
     ratio = torch.exp(torch.where(keep, logprobs - old_logprobs.float(), 0.0))  # padding never overflows to inf
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights.float()
     kl = None
     if ref_logprobs is not None:
         kl = kl_estimate(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs.float(), 0.0), "k3")

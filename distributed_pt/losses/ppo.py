@@ -8,14 +8,21 @@ from distributed_pt.losses.masked import masked_mean, masked_var
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """-E[min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)] over action tokens; also clip fraction and approx KL."""
+    """-E[min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)] over action tokens, each token's term times `is_weights`
+    when given (the off-policy correction, `rl.offpolicy`); also clip fraction and approx KL."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if is_weights is None else per_token * is_weights, mask)
     with torch.no_grad():
         stats = {
             "policy_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),

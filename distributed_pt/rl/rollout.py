@@ -13,17 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distributed_pt import dist
 from distributed_pt.data.prompts import prompt_and_reference
-from distributed_pt.engine.generation import generate
 from distributed_pt.losses.kl import kl_estimate
 from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
+from distributed_pt.rl.engines import seed_for
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+from distributed_pt.rl.offpolicy import mismatch_metrics, truncated_is_weights
 from distributed_pt.rl.rewards import RewardFunctions
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
     from transformers import PreTrainedTokenizerBase
+
+    from distributed_pt.rl.engines import RolloutEngine
 
 
 @dataclass
@@ -39,6 +43,7 @@ class RLModels:
     fused: bool
     rm_stats: dict[str, float]
     functions: RewardFunctions | None = None  # programmatic rewards added to the RM's score
+    rollouts: RolloutEngine | None = None  # what samples the actor (rl.engines; set once the actor is an engine)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Experience:
     scores: torch.Tensor  # (B,) normalised, penalised, clipped RM score
     raw_scores: torch.Tensor  # (B,) RM output
     ended: torch.Tensor  # (B,) bool: the response ended with EOS
+    is_weights: torch.Tensor  # (B, L-1) off-policy correction of the policy loss (ones without one)
 
     def select(self, rows: torch.Tensor) -> Experience:
         """A minibatch of rows, trimmed to its longest sequence."""
@@ -67,31 +73,29 @@ class Experience:
         return Experience(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
 
 
-def repack(
-    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded generate() output → right-padded (sequences, attention_mask, action_mask, ended)."""
-    prompt_len = prompt_mask.size(1)
-    response = sequences[:, prompt_len:]
-    is_eos = response == eos_id
-    ended = is_eos.any(1)
-    # Response length: up to and including the first EOS, or every generated token when there is none.
-    resp_len = torch.where(
-        ended, is_eos.float().argmax(1) + 1, torch.full_like(ended, response.size(1), dtype=torch.long)
-    )
-    rows = []
-    for i in range(sequences.size(0)):
-        prompt = sequences[i, :prompt_len][prompt_mask[i].bool()]
-        rows.append((prompt, response[i, : resp_len[i]]))
-    width = max(len(p) + len(r) for p, r in rows)
-    seqs = torch.full((len(rows), width), pad_id, dtype=torch.long, device=sequences.device)
+def pack(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    eos_id: int,
+    pad_id: int,
+    logprobs: list[list[float]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prompt + completion token ids → right-padded (sequences, attention_mask, action_mask, ended, logprobs): a
+    completion's per-token `logprobs` (an engine's) land in action space like `action_mask`, else None."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    seqs = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(seqs)
-    action_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32, device=sequences.device)
-    for i, (p, r) in enumerate(rows):
-        seqs[i, : len(p) + len(r)] = torch.cat([p, r])
-        attn[i, : len(p) + len(r)] = 1
-        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1
-    return seqs, attn, action_mask, ended
+    action_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
+    packed_logprobs = None if logprobs is None else torch.zeros_like(action_mask)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        n = len(p) + len(c)
+        seqs[i, :n] = torch.tensor(p + c)
+        attn[i, :n] = 1
+        action_mask[i, len(p) - 1 : n - 1] = 1
+        if packed_logprobs is not None:
+            packed_logprobs[i, len(p) - 1 : n - 1] = torch.tensor(logprobs[i], dtype=torch.float32)
+    ended = torch.tensor([bool(c) and c[-1] == eos_id for c in completions])
+    return seqs, attn, action_mask, ended, packed_logprobs
 
 
 def normalised_scores(
@@ -145,7 +149,7 @@ def score_samples(
 
 @dataclass
 class Samples:
-    """Sampled completions, re-packed right-padded (see `repack`)."""
+    """Sampled completions, packed right-padded (see `pack`)."""
 
     sequences: torch.Tensor  # (B, L) prompt + completion
     attention_mask: torch.Tensor  # (B, L)
@@ -153,26 +157,32 @@ class Samples:
     ended: torch.Tensor  # (B,) bool: the completion ended with EOS
     completions: list[str]  # decoded completions (special tokens skipped)
     gen_time: float  # seconds spent generating
+    engine_logprobs: torch.Tensor | None = None  # (B, L-1) the rollout engine's log-probs (vLLM), else None
+    sync_time: float = 0.0  # seconds pushing the actor's weights into the engine before generating
 
 
 @torch.no_grad()
 def sample(
-    actor: DeepSpeedEngine,
+    engine: RolloutEngine,
     prompts: list[list[int]],
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    seed: int = 0,
 ) -> Samples:
     """Sample (or, `greedy`, decode greedily) one completion per prompt (token ids; repeat a prompt for a group)
-    with the KV cache, the actor gathered once under ZeRO-3."""
-    start = time.perf_counter()
-    out, prompt_mask = generate(actor, prompts, tokenizer, max_new_tokens, not greedy, temperature, top_p)
-    gen_time = time.perf_counter() - start
-    seqs, attn, action_mask, ended = repack(out, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, prompt_mask.size(1) :], skip_special_tokens=True)
-    return Samples(seqs, attn, action_mask, ended, texts, gen_time)
+    with the rollout engine (`seed`: the base of its per-request seeds, where it takes them)."""
+    out = engine.generate(prompts, max_new_tokens, greedy, temperature, top_p, seed)
+    seqs, attn, action_mask, ended, logprobs = pack(
+        prompts, out.tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, out.logprobs
+    )
+    texts = tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+    device = dist.device()
+    logprobs = None if logprobs is None else logprobs.to(device)
+    return Samples(seqs.to(device), attn.to(device), action_mask.to(device), ended.to(device), texts, out.gen_time,
+                   logprobs, out.sync_time)  # fmt: skip
 
 
 @torch.no_grad()
@@ -186,9 +196,10 @@ def make_experience(
     step: int,
 ) -> tuple[Experience, dict[str, float]]:
     """Generate from `prompts` (token ids; `rows`: their dataset rows, for reward functions) and score everything
-    with `models`. Returns (Experience, timings)."""
+    with `models`. Returns (Experience, timings and the engine's off-policy metrics)."""
     ppo = cfg.ppo
-    samples = sample(models.actor, prompts, tokenizer, ppo.max_new_tokens, ppo.temperature, ppo.top_p)
+    samples = sample(models.rollouts, prompts, tokenizer, ppo.max_new_tokens, ppo.temperature, ppo.top_p,
+                     seed=seed_for(cfg.train.seed, step, dist.rank()))  # fmt: skip
     seqs, attn, action_mask, ended = samples.sequences, samples.attention_mask, samples.action_mask, samples.ended
 
     start = time.perf_counter()
@@ -198,6 +209,13 @@ def make_experience(
     ref_logprobs = reference_logprobs(models.actor, models.reference, seqs, attn, ppo.temperature, models.fused)
     values = token_scores(models.critic, seqs, attn)[:, :-1] * action_mask
     scores, raw = score_samples(models, samples, rows, ppo, step)
+
+    is_weights, offpolicy = torch.ones_like(old_logprobs), {}
+    if samples.engine_logprobs is not None:
+        offpolicy = mismatch_metrics(old_logprobs, samples.engine_logprobs, action_mask)
+        if cfg.rollout.correction != "none":
+            is_weights = truncated_is_weights(old_logprobs, samples.engine_logprobs, action_mask,
+                                              cfg.rollout.correction, cfg.rollout.correction_cap)  # fmt: skip
 
     kl = kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
     rewards = -kl_coef * kl
@@ -210,14 +228,12 @@ def make_experience(
         engine.train()
     score_time = time.perf_counter() - start
     exp = Experience(seqs, attn, action_mask, old_logprobs, ref_logprobs, values, rewards, advantages, returns,
-                     scores, raw, ended)  # fmt: skip
-    return exp, {"gen_time": samples.gen_time, "score_time": score_time}
+                     scores, raw, ended, is_weights)  # fmt: skip
+    return exp, {"gen_time": samples.gen_time, "sync_time": samples.sync_time, "score_time": score_time, **offpolicy}
 
 
 def log_samples(exp: Experience, tokenizer: PreTrainedTokenizerBase, logger: Any, step: int, n: int = 4) -> None:
     """A W&B table of the first `n` rollouts (prompt, response, score); the first one printed on rank 0."""
-    from distributed_pt import dist
-
     rows = []
     for i in range(min(n, exp.sequences.size(0))):
         ids = exp.sequences[i][exp.attention_mask[i].bool()]

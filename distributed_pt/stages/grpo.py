@@ -32,7 +32,9 @@ from distributed_pt.losses.masked import masked_mean
 from distributed_pt.models.heads import Backbone, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
+from distributed_pt.rl.engines import RolloutEngine, check_rollout_config, rollout_engine, seed_for
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+from distributed_pt.rl.offpolicy import mismatch_metrics, truncated_is_weights
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
 from distributed_pt.rl.rollout import Samples, rollout_rewards, sample
 
@@ -52,6 +54,7 @@ class Policy:
     reward: DeepSpeedEngine | None
     rm_stats: dict[str, float]
     functions: RewardFunctions | None
+    rollouts: RolloutEngine  # what samples the actor (rl.engines)
 
     def rewards(self, s: Samples, rows: list[dict], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total reward (B,): the RM's normalised score plus the functions' total; and each source's values."""
@@ -101,7 +104,7 @@ def main(cfg: GRPOConfig) -> dict:
     total_steps = cfg.train.total_steps(batches.per_epoch)
     updates = grpo.num_iterations * grpo.rollout_batch_size * grpo.num_generations // cfg.train.micro_batch_size
     actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps * updates)
-    policy = Policy(actor, reference, fused, reward, rm_stats, functions)
+    policy = Policy(actor, reference, fused, reward, rm_stats, functions, rollout_engine(cfg, actor, tokenizer))
 
     run = Run(cfg, actor, total_steps, fingerprint(tokenizer, cfg.data.train_files))
     before, after = run.train(
@@ -126,8 +129,9 @@ def train(
     while run.training():
         run.state.micro_step, indices = next(rollouts)
         group = [i for i in indices for _ in range(G)]  # each prompt G times, contiguous
-        samples = sample(policy.actor, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
-                         grpo.temperature, grpo.top_p)  # fmt: skip
+        seed = seed_for(run.cfg.train.seed, run.state.step + 1, dist.rank())
+        samples = sample(policy.rollouts, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
+                         grpo.temperature, grpo.top_p, seed=seed)  # fmt: skip
         texts = [prompt_and_reference(rows[i].data)[0] for i in group]
         total, per_function = policy.rewards(samples, [rows[i].data for i in group], run.state.step + 1)
         batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
@@ -145,12 +149,14 @@ def train(
 
 def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig, step: int) -> dict[str, float]:
     """`num_iterations` passes over the rollout in shuffled minibatches of completions. With one pass the rollout's
-    log-probs are the current ones (detached); with more they are computed once before the first update."""
+    log-probs are the current ones (detached); with more, or with the off-policy correction, they are computed once
+    before the first update. The engine-trainer mismatch is measured on the first minibatch, before any update."""
     grpo, actor = cfg.grpo, policy.actor
     seqs, attn, mask = s.sequences, s.attention_mask, s.action_mask
-    old = ref = None
+    engine, correction = s.engine_logprobs, cfg.rollout.correction
+    old = ref = offpolicy = None
     with torch.no_grad():
-        if grpo.num_iterations > 1:
+        if grpo.num_iterations > 1 or correction != "none":
             old = token_logprobs(actor, seqs, attn, grpo.temperature, policy.fused)[0]
         if grpo.beta > 0:
             ref = reference_logprobs(actor, policy.reference, seqs, attn, grpo.temperature, policy.fused)
@@ -166,8 +172,14 @@ def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig
             m = mask[rows, : width - 1]
             old_mb = logp.detach() if old is None else old[rows, : width - 1]
             ref_mb = None if ref is None else ref[rows, : width - 1]
+            is_weights = None
+            if engine is not None:
+                engine_mb = engine[rows, : width - 1]
+                offpolicy = offpolicy or mismatch_metrics(old_mb, engine_mb, m)  # collective, same minibatch index
+                if correction != "none":
+                    is_weights = truncated_is_weights(old_mb, engine_mb, m, correction, cfg.rollout.correction_cap)
             loss, stats = grpo_loss(logp, old_mb, advantages[rows], m, grpo.loss_type, grpo.clip_low, grpo.clip_high,
-                                    ref_mb, grpo.beta, grpo.max_new_tokens)  # fmt: skip
+                                    ref_mb, grpo.beta, grpo.max_new_tokens, is_weights)  # fmt: skip
             check_finite(loss, step + 1)
             actor.backward(loss)
             actor.step()
@@ -175,7 +187,7 @@ def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
-    return {k: v / n for k, v in totals.items()}
+    return {k: v / n for k, v in totals.items()} | (offpolicy or {})
 
 
 def global_std(x: torch.Tensor) -> float:
@@ -208,13 +220,15 @@ def rollout_metrics(
         "gen_tokens_per_s": lengths.sum().item() / max(s.gen_time, 1e-9),
         "train_tokens_per_s": s.attention_mask.sum().item() / max(train_time, 1e-9),
         "gen_time": s.gen_time,
+        "sync_time": s.sync_time,
         "train_time": train_time,
-        **stats,
+        **{k: v for k, v in stats.items() if not k.startswith("offpolicy/")},  # those are reduced already
     }
     names = sorted(local)
     reduced = dist.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64)) / dist.world_size()
     metrics = dict(zip(names, reduced.tolist(), strict=True))
     metrics["completion_length_max"] = dist.all_reduce_max(lengths.max().float().reshape(1)).item()
+    metrics |= {k: v for k, v in stats.items() if k.startswith("offpolicy/")}
     metrics["peak_mem_gib"] = peak_memory_gib()
     return metrics
 
@@ -231,7 +245,7 @@ def evaluate(policy: Policy, rows: list[Row], tokenizer: PreTrainedTokenizerBase
     for i in range(0, len(mine), cfg.train.micro_batch_size):
         chunk = [r.data for r in mine[i : i + cfg.train.micro_batch_size]]
         prompts = [encode_prompt(tokenizer, prompt_and_reference(r)[0]) for r in chunk]
-        greedy = sample(policy.actor, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
+        greedy = sample(policy.rollouts, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
         total, _ = policy.rewards(greedy, chunk, step=0)
         sums[0] += total.sum().item()
         for row, text in zip(chunk, greedy.completions, strict=True):
@@ -269,3 +283,4 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ConfigError("grpo.rollout_batch_size x grpo.num_generations must be a multiple of train.micro_batch_size")
     if cfg.train.gradient_accumulation_steps != 1:
         raise ConfigError("train.gradient_accumulation_steps: GRPO steps once per minibatch; set it to 1")
+    check_rollout_config(cfg)

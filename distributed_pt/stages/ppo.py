@@ -33,6 +33,7 @@ from distributed_pt.losses.ppo import explained_variance, policy_loss, value_los
 from distributed_pt.models.heads import Backbone, lm_loss, token_scores, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
+from distributed_pt.rl.engines import check_rollout_config, rollout_engine
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 from distributed_pt.rl.logprobs import token_logprobs
 from distributed_pt.rl.rewards import load_reward_functions
@@ -65,6 +66,7 @@ def main(cfg: PPOConfig) -> dict:
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
     models.critic = initialize(Backbone(models.critic), stage_ds_config(cfg, critic_optim), critic_optim,
                                total_steps * per_step)  # fmt: skip
+    models.rollouts = rollout_engine(cfg, models.actor, tokenizer)
 
     kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target else None
     kl_ctl = kl_ctl or FixedKLController(ppo.kl_coef)
@@ -125,6 +127,7 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
     if ppo.critic_warmup_steps < 0:
         raise ConfigError(f"ppo.critic_warmup_steps must be >= 0, got {ppo.critic_warmup_steps}")
+    check_rollout_config(cfg)
 
 
 def actor_steps(cfg: PPOConfig, steps: int) -> int:
@@ -171,7 +174,9 @@ def actor_update(models: RLModels, mb: Experience, cfg: PPOConfig, step: int, pt
     """One actor step on a minibatch: clipped policy loss - entropy bonus (+ ptx_coef * SFT loss on a ptx batch)."""
     ppo, actor = cfg.ppo, models.actor
     logprobs, entropy = token_logprobs(actor, mb.sequences, mb.attention_mask, ppo.temperature, models.fused)
-    pg_loss, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio)
+    pg_loss, stats = policy_loss(
+        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio, mb.is_weights
+    )
     ent = masked_mean(entropy, mb.action_mask)
     loss = pg_loss - ppo.entropy_coef * ent
     if ptx is not None:
@@ -210,12 +215,14 @@ def rollout_metrics(
         "gen_tokens_per_s": resp_len.sum().item() / max(timing["gen_time"], 1e-9),
         "train_tokens_per_s": exp.attention_mask.sum().item() * epochs / max(train_time, 1e-9),
         "gen_time": timing["gen_time"],
+        "sync_time": timing["sync_time"],
         "train_time": train_time,
         **stats,
     }
     names = sorted(local)
     reduced = dist.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64)) / dist.world_size()
     metrics = dict(zip(names, reduced.tolist(), strict=True))
+    metrics |= {k: v for k, v in timing.items() if k.startswith("offpolicy/")}  # reduced already
     metrics["kl_coef"] = kl_ctl.value
     metrics["peak_mem_gib"] = peak_memory_gib()
     return metrics
@@ -233,7 +240,7 @@ def evaluate(models: RLModels, rows: list[Row], tokenizer: PreTrainedTokenizerBa
     for i in range(0, len(mine), mbs):
         chunk = [prompt_and_reference(r.data) for r in mine[i : i + mbs]]
         prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in chunk]
-        greedy = sample(models.actor, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
+        greedy = sample(models.rollouts, prompts, tokenizer, cfg.eval.max_new_tokens, greedy=True)
         scores, _ = score_samples(models, greedy, [r.data for r in mine[i : i + mbs]], cfg.ppo, step=0)
         correct = sum(is_exact_match(t, ref) for t, (_, ref) in zip(greedy.completions, chunk, strict=True))
         with_answer = sum(ref is not None for _, ref in chunk)

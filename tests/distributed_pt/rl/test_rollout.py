@@ -5,21 +5,29 @@ from __future__ import annotations
 import torch
 
 from distributed_pt.config import PPOSection
-from distributed_pt.rl.rollout import Experience, normalised_scores, repack
+from distributed_pt.rl.engines import until_eos
+from distributed_pt.rl.rollout import Experience, normalised_scores, pack
 
 PAD, EOS = 0, 3
 
 
-def test_repack_left_padded_generation():
-    # Prompts [5, 6] (left-padded) and [7, 8, 9]; responses "11 EOS pad" and "12 13 14" (no EOS).
-    out = torch.tensor([[PAD, 5, 6, 11, EOS, PAD], [7, 8, 9, 12, 13, 14]])
-    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    seqs, attn, action_mask, ended = repack(out, prompt_mask, EOS, PAD)
+def test_pack_right_pads_prompt_and_completion():
+    # Prompts [5, 6] and [7, 8, 9]; completions "11 EOS" and "12 13 14" (no EOS), with the engine's log-probs.
+    seqs, attn, action_mask, ended, logprobs = pack(
+        [[5, 6], [7, 8, 9]], [[11, EOS], [12, 13, 14]], EOS, PAD, [[-0.5, -0.25], [-1.0, -2.0, -3.0]]
+    )
     assert seqs.tolist() == [[5, 6, 11, EOS, PAD, PAD], [7, 8, 9, 12, 13, 14]]
     assert attn.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
     # index t scores token t+1: row 0's actions are tokens 2..3, row 1's tokens 3..5
     assert action_mask.tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]]
+    assert logprobs.tolist() == [[0, -0.5, -0.25, 0, 0], [0, 0, -1.0, -2.0, -3.0]]
     assert ended.tolist() == [True, False]
+    assert pack([[5]], [[EOS]], EOS, PAD)[4] is None  # no engine log-probs (hf)
+
+
+def test_until_eos_keeps_the_first_eos():
+    assert until_eos([4, EOS, PAD, EOS], EOS) == [4, EOS]
+    assert until_eos([4, 5], EOS) == [4, 5]
 
 
 def test_scores_are_normalised_penalised_and_clipped():
@@ -38,6 +46,7 @@ def test_select_trims_to_the_longest_row():
         sequences=torch.arange(B * L).view(B, L), attention_mask=attn, action_mask=per_token, old_logprobs=per_token,
         ref_logprobs=per_token, values=per_token, rewards=per_token, advantages=per_token, returns=per_token,
         scores=torch.arange(3.0), raw_scores=torch.arange(3.0), ended=torch.ones(3, dtype=torch.bool),
+        is_weights=per_token,
     )  # fmt: skip
     mb = exp.select(torch.tensor([1, 0]))
     assert mb.sequences.shape == (2, 4) and mb.old_logprobs.shape == (2, 3)
