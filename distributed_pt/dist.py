@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -76,10 +77,19 @@ def shm_buffer() -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"
 
 
-def remove_stale_shm_buffers() -> list[Path]:
-    """Remove this user's DeepSpeed CPU all-reduce buffers that no live process maps: a run that crashed never reached
-    `destroy`, and each such file holds 64 MiB of RAM until reboot. Returns what was removed."""
-    mine = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+def remove_stale_shm_buffers(min_age_s: float = 120.0) -> list[Path]:
+    """Remove this user's DeepSpeed CPU all-reduce buffers that no live process maps and that are older than
+    `min_age_s`: a run that crashed never reached `destroy`, and each such file holds 64 MiB of RAM until reboot. (A
+    run starting beside this one creates its buffers a moment before mapping them: young files are left alone.)
+    Returns what was removed."""
+    now = time.time()
+    mine = []
+    for b in sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")):
+        try:
+            if now - b.stat().st_mtime > min_age_s:
+                mine.append(b)
+        except FileNotFoundError:  # its run removed it meanwhile
+            continue
     in_use: set[Path] = set()
     for maps in Path("/proc").glob("[0-9]*/maps") if mine else []:
         try:

@@ -5,6 +5,7 @@
     python -m distributed_pt.pipeline                      # the bundled tiny demo (2 CPU ranks without a GPU)
     python -m distributed_pt.pipeline --rl grpo            # SFT → GRPO
     python -m distributed_pt.pipeline --rl dpo             # SFT → pairs → DPO
+    python -m distributed_pt.pipeline --rl grpo --rollout-engine vllm   # rollouts by vLLM (the vllm extra)
     python -m distributed_pt.pipeline --nproc 8 --sft my_sft.yaml --rm my_rm.yaml --ppo my_ppo.yaml
 
 The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--pairs-prompts", default="distributed_pt/assets/demo/prompts_train.jsonl")
     parser.add_argument("--stages", help="comma-separated subset to run, in order (default: all of --rl's)")
+    parser.add_argument(
+        "--rollout-engine", choices=["hf", "vllm"], help="the RL stage's rollout.engine (default: its config's)"
+    )
     args = parser.parse_args(argv)
 
     from distributed_pt.data.sample_pairs import main as sample_pairs
@@ -174,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
                           f"--out={sft_out / 'pref_samples.jsonl'}"])  # fmt: skip
             continue
         config = resolve_path(getattr(args, stage))  # yours, else the bundled one of that name
-        seconds = run_stage(config, nproc, [])
+        overrides = (
+            [f"rollout.engine={args.rollout_engine}"] if args.rollout_engine and stage in ("ppo", "grpo") else []
+        )
+        seconds = run_stage(config, nproc, overrides)
         out = Path(yaml.safe_load(config.read_text())["output_dir"])
         results[stage] = (json.loads((out / "summary.json").read_text()), seconds)
     table = summary_table(results) + "\n\n" + provenance()
