@@ -23,11 +23,11 @@ def mismatch_stats(trainer: torch.Tensor, engine: torch.Tensor, mask: torch.Tens
     """Over the completion tokens (`mask`) of (B, T) log-probs: "kl" (k3 estimate of KL(engine || trainer), >= 0),
     "max_ratio" (the largest pi_trainer / pi_engine) and "abs_diff" (mean |log-prob difference|), as 0-dim tensors."""
     keep = mask.bool()
-    log_ratio = torch.where(keep, trainer.float() - engine.float(), 0.0)
+    log_ratio = torch.where(keep, trainer.double() - engine.double(), 0.0)  # float64: the differences are ~1e-6
     return {
-        "kl": masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask.float()),
+        "kl": masked_mean((torch.expm1(log_ratio) - log_ratio).clamp(min=0), mask.double()),
         "max_ratio": torch.exp(log_ratio.masked_fill(~keep, -math.inf).max()),
-        "abs_diff": masked_mean(log_ratio.abs(), mask.float()),
+        "abs_diff": masked_mean(log_ratio.abs(), mask.double()),
     }
 
 

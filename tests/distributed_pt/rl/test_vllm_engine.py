@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, env, read_metrics, run_launcher
+from tests.conftest import ROOT, env, free_port, read_metrics, run_launcher
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -91,6 +91,67 @@ def test_greedy_tokens_and_logprobs_match_the_trainer_before_and_after_steps(tmp
     assert after["sync_time"] > 0 and after["sampled_sync_time"] == 0  # pushed once per actor step, not per call
 
 
+TENSOR_PARALLEL = r"""
+import json, sys
+from pathlib import Path
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from distributed_pt import dist
+from distributed_pt.config import load_config
+from distributed_pt.engine.deepspeed import initialize, stage_ds_config
+from distributed_pt.models.heads import Backbone
+from distributed_pt.rl.engines import HFEngine
+from distributed_pt.rl.logprobs import token_logprobs
+from distributed_pt.rl.vllm_engine import VLLMEngine
+
+if __name__ == "__main__":
+    dist.init_distributed()
+    tok = AutoTokenizer.from_pretrained("distributed_pt/assets/demo/tokenizer")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = Path(sys.argv[1])
+    if dist.rank() == 0:
+        model.save_pretrained(path)
+    dist.barrier()
+    cfg = load_config("configs/grpo_tiny.yaml", [f"model.path={path}", "rollout.engine=vllm", "optim.lr=1e-2",
+                      "rollout.tensor_parallel_size=2", "optim.warmup_steps=0"])
+    actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, 10)
+    hf, vllm = HFEngine(actor, tok), VLLMEngine(cfg, actor, tok)
+    texts = [["add : 3 4 =", "count : a b c ="], ["sort : 5 2 9 1 =", "reverse : x y =", "add : 1 1 ="]][dist.rank()]
+    prompts = [tok.encode(t) for t in texts]  # each rank its own prompts, not as many
+    report = {}
+    for when in ("before", "after"):
+        if when == "after":
+            ids = torch.tensor([prompts[0] + [5, 6, 7]])
+            actor.backward(-token_logprobs(actor, ids, None, 1.0, False)[0].mean())
+            actor.step()
+        report[when] = [hf.generate(prompts, 10, greedy=True).tokens, vllm.generate(prompts, 10, greedy=True).tokens]
+    print(f"REPORT{dist.rank()} " + json.dumps(report), flush=True)
+    dist.destroy()
+"""
+
+
+def test_one_tensor_parallel_engine_serves_two_ranks_their_own_prompts(tmp_path):
+    """rollout.tensor_parallel_size=2 on 2 ranks: one engine sharded over both; each rank gets its own completions
+    (2 and 3 prompts), greedy-equal to HF's on that rank, before and after a step."""
+    script = tmp_path / "tensor_parallel.py"
+    script.write_text(TENSOR_PARALLEL)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path / "model")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for rank in (0, 1):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"REPORT{rank} "))
+        report = json.loads(line.split(" ", 1)[1])
+        assert len(report["before"][0]) == [2, 3][rank]
+        for hf, vllm in report.values():
+            assert vllm == hf, (rank, report)
+        assert report["after"][0] != report["before"][0]
+
+
 GRPO = ROOT / "configs" / "grpo_tiny.yaml"
 STEPS = 16
 
@@ -153,3 +214,22 @@ def test_resume_draws_the_same_rollouts(tmp_path, grpo_vllm_run, sft_demo):
     for s in resumed:
         for key in ("reward", "loss", "completion_length", "entropy"):
             assert resumed[s][key] == pytest.approx(reference[s][key], rel=1e-4, abs=1e-6), (s, key)
+
+
+def test_ppo_with_vllm_and_the_sequence_level_correction(tmp_path, sft_demo):
+    """PPO (the demo checker as reward, no reward model) samples with vLLM on 2 ranks, weights each token's policy
+    term by the truncated sequence ratio, and logs the push and the mismatch each step."""
+    overrides = [
+        f"model.path={sft_demo}", f"output_dir={tmp_path}", "ppo.reward_model=null", "rollout.engine=vllm",
+        "rollout.correction=sequence", "reward.functions=[distributed_pt.rl.rewards:exact_answer]",
+        "train.max_steps=3", "train.micro_batch_size=8", "train.log_every=1", "train.eval_every=0",
+        "ppo.rollout_batch_size=16", "eval.num_generate=32", "checkpoint.save_every=0",
+        "deepspeed.config=configs/deepspeed/zero2.json", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+    ]  # fmt: skip
+    run_launcher(ROOT / "configs" / "ppo_tiny.yaml", overrides, timeout=900)
+    steps = {m["step"]: m for m in read_metrics(tmp_path) if "policy_loss" in m}
+    assert sorted(steps) == [1, 2, 3]
+    for s, m in steps.items():
+        assert 0 <= m["offpolicy/kl"] < 1e-3 and 1 <= m["offpolicy/max_ratio"] < 1.5, m
+        assert (m["sync_time"] > 0) == (s > 1), m  # step 1 samples the weights pushed for the eval before it
+    assert "eval/exact_match" in read_metrics(tmp_path)[-1]
