@@ -2,6 +2,7 @@
 rank), the same prompts (the demo's training prompts), the same sampling settings, one process.
 
     python -m benchmarks.bench_rollout --cpu                       # demo shape and a 25M Llama, random init, fp32
+    python -m benchmarks.bench_rollout --cpu --sizes 25m --dtype bf16                   # bf16 (..._cpu_bf16.*)
     python -m benchmarks.bench_rollout --cpu --sizes demo --new-tokens 32 --repeats 1   # a quick look
 
 Each repeat is one RL step per engine: a policy-gradient update of the actor on the previous rollout (so the weights
@@ -31,7 +32,7 @@ SIZES = {  # Llama shapes (head_dim >= 32: vLLM's CPU attention needs it): the d
 }
 
 
-def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: str) -> dict[str, dict[str, float]]:
     """Run both engines on one model size in this process; returns {engine: {metric: median}}."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -52,7 +53,7 @@ def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int) -> dict[s
     dist.init_distributed()
     demo = ROOT / "distributed_pt" / "assets" / "demo"
     tok = AutoTokenizer.from_pretrained(demo / "tokenizer")
-    rows = read_rows(demo / "prompts_train.jsonl")[:n_prompts]
+    rows = read_rows([str(demo / "prompts_train.jsonl")])[:n_prompts]
     prompts = [encode_prompt(tok, prompt_and_reference(r.data)[0]) for r in rows]
     max_len = max(map(len, prompts)) + new_tokens
     torch.manual_seed(0)
@@ -63,10 +64,10 @@ def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int) -> dict[s
         pad_token_id=tok.pad_token_id, **shape,
     ))  # fmt: skip
     path = Path(tempfile.mkdtemp()) / "model"
-    model.save_pretrained(path)
+    model.to(torch.bfloat16 if dtype == "bf16" else torch.float32).save_pretrained(path)
     cfg = load_config("configs/grpo_tiny.yaml", [
-        f"model.path={path}", "rollout.engine=vllm", f"rollout.max_model_len={max_len}", "rollout.cpu_kv_cache_gib=1",
-        "deepspeed.zero_stage=0", "optim.lr=1e-4", "optim.warmup_steps=0",
+        f"model.path={path}", f"model.dtype={dtype}", "rollout.engine=vllm", f"rollout.max_model_len={max_len}",
+        "rollout.cpu_kv_cache_gib=1", "deepspeed.zero_stage=0", "optim.lr=1e-4", "optim.warmup_steps=0",
     ])  # fmt: skip
     actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, 1000)
     engines = {"hf": HFEngine(actor, tok), "vllm": VLLMEngine(cfg, actor, tok)}
@@ -107,27 +108,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one size, JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
-        result = one_size(args.one, args.prompts, args.new_tokens, args.repeats)
+        result = one_size(args.one, args.prompts, args.new_tokens, args.repeats, args.dtype)
         print("ROLLOUT_RESULT" + json.dumps(result), flush=True)
         return
 
     from benchmarks.harness import make_record, save_results
 
-    bench = f"bench_rollout_{'cpu' if args.cpu else 'gpu'}"
+    bench = f"bench_rollout_{'cpu' if args.cpu else 'gpu'}{'' if args.dtype == 'fp32' else '_' + args.dtype}"
     units = {"gen_tokens_per_s": "tokens/s", "rollout_s": "s", "sync_s": "s", "sync_share": "fraction"}
     records = []
     for size in args.sizes.split(","):
         cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--one", size, "--prompts", str(args.prompts),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or "ROLLOUT_RESULT" not in proc.stdout:
             raise SystemExit(f"{size} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         result = json.loads(proc.stdout.split("ROLLOUT_RESULT", 1)[1])
-        case = {"model": size, "prompts": args.prompts, "new_tokens": args.new_tokens}
+        case = {"model": size, "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens}
         for name, metrics in result.items():
             for metric, unit in units.items():
                 records.append(make_record(bench, case, name, metric, metrics[metric], unit))

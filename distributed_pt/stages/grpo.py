@@ -7,7 +7,8 @@ Models: the policy (`model.path`, an SFT output; LoRA or full) on its DeepSpeed 
 when `grpo.beta` > 0 (with LoRA: the policy with its adapters switched off; else a frozen copy). Each step: a rollout
 of `grpo.rollout_batch_size` prompts per rank × G completions, rewards from `reward.functions`, group-relative
 advantages, then `grpo.num_iterations` passes of clipped-ratio updates in minibatches of `train.micro_batch_size`
-completions (with one pass the rollout's log-probs are the current ones: no extra forward). Outputs as for SFT.
+completions (with one pass the rollout's log-probs are the current ones: no extra forward). Rollouts and greedy
+evals come from `rollout.engine` (hf, or a colocated vLLM engine: rl/engines.py). Outputs as for SFT.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Models: actor (from `model.path`, an SFT output; LoRA or full) and critic (from 
 every token as a value head) train on their own DeepSpeed engines; the reward model and the reference are frozen
 engines (ZeRO-3 + CPU offload with `ppo.offload_frozen`). With LoRA the reference is the actor with its adapters
 switched off: no second copy. Each step: a rollout of `ppo.rollout_batch_size` prompts per rank, then
-`ppo.ppo_epochs` passes over it in minibatches of `train.micro_batch_size`. Outputs as for SFT, plus the critic.
+`ppo.ppo_epochs` passes over it in minibatches of `train.micro_batch_size`. Rollouts and greedy evals come from
+`rollout.engine` (hf, or a colocated vLLM engine: rl/engines.py). Outputs as for SFT, plus the critic.
 """
 
 from __future__ import annotations
