@@ -311,7 +311,24 @@ class GRPOSection:
     # Updates per rollout, in minibatches of train.micro_batch_size completions, against the rollout's log-probs.
     num_iterations: int = 1
     # k3 KL to the reference (no reference model is loaded at 0; LoRA: the reference is the adapters switched off).
+    # With the reinforce_pp estimators beta weighs the KL in the token rewards instead (no KL term in the loss).
     beta: float = 0.0
+    # Advantage estimator (rl/advantages.py): grpo (reward - group mean, scaled by scale_rewards), rloo (reward - the
+    # mean of the group's other rewards), reinforce_pp (token returns with the KL in the rewards, whitened over the
+    # batch), reinforce_pp_baseline (the group's mean reward subtracted first).
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    # Importance ratio per token (GRPO), per completion, length-normalised (sequence: GSPO), or GSPO-token.
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    # DAPO dynamic sampling: groups whose rewards all agree are dropped, and up to max_extra_rollouts more prompt
+    # batches are sampled to fill the step with rollout_batch_size informative groups (every rank keeps as many).
+    dynamic_sampling: bool = False
+    max_extra_rollouts: int = 3
+    # DAPO overlong shaping: - overlong_penalty * (length - (max_new_tokens - overlong_buffer)) / overlong_buffer added
+    # to the reward of completions longer than max_new_tokens - overlong_buffer (0: off); mask_truncated: completions
+    # cut at max_new_tokens (no EOS) are left out of the loss.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False
     # Log a table of sample completions every N steps (0: never).
     sample_every: int = 10
 

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from distributed_pt.losses.pairwise import pair_accuracy
+
 LossType = Literal["sigmoid", "ipo", "hinge", "simpo"]
 
 
@@ -72,7 +74,8 @@ def dpo_loss(
     Returns:
         The scalar float32 loss and python-float batch means: "rewards/chosen" and "rewards/rejected" (the implicit
         rewards: beta * (pi - ref), or beta * pi / |y| for "simpo"; gamma not included), "rewards/margin" (chosen -
-        rejected), "rewards/accuracy" (fraction with chosen reward > rejected; ties count as wrong), "logps/chosen"
+        rejected), "rewards/accuracy" (fraction with chosen reward > rejected, a tie counting half: at the start, with
+        policy = reference, every margin is 0 and accuracy 0.5), "logps/chosen"
         and "logps/rejected" (policy sequence log-probs).
     """
     if loss_type not in ("sigmoid", "ipo", "hinge", "simpo"):
@@ -115,7 +118,7 @@ def dpo_loss(
             "rewards/chosen": chosen.mean().item(),
             "rewards/rejected": rejected.mean().item(),
             "rewards/margin": margin.mean().item(),
-            "rewards/accuracy": (chosen > rejected).float().mean().item(),
+            "rewards/accuracy": pair_accuracy(chosen, rejected),
             "logps/chosen": chosen_logps.float().mean().item(),
             "logps/rejected": rejected_logps.float().mean().item(),
         }

@@ -1,4 +1,5 @@
-"""GRPO losses: group-relative advantages and the clipped, critic-free policy objective (pure functions of tensors).
+"""The clipped, critic-free policy objective of GRPO and its relatives (a pure function of tensors; the advantage
+estimators are in `rl.advantages`).
 
 Conventions follow TRL's `GRPOTrainer` (`_generate_and_score_completions`, `_compute_loss`); where ours differ is
 said in each docstring.
@@ -14,49 +15,6 @@ from distributed_pt.losses.kl import kl_estimate
 from distributed_pt.losses.masked import masked_mean
 
 
-def group_advantages(
-    rewards: torch.Tensor,
-    group_size: int,
-    scale: Literal["group", "batch", "none"],
-    batch_std: float | None = None,
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """Reward minus its group's mean, optionally divided by a standard deviation.
-
-    Stds are unbiased (Bessel's correction, `torch.std`, as TRL) and enter as `/ (std + eps)`. A group whose rewards
-    are all equal gets advantage exactly 0 in every mode, even with `eps=0` (TRL gives ~0 up to rounding, or NaN at
-    `eps=0`).
-
-    Args:
-        rewards: (N,) rewards laid out group by group: N = prompts * group_size, a prompt's completions contiguous.
-        group_size: G, completions per prompt; at least 2 (a group of one has no baseline and no std).
-        scale: "group" divides by the group's std (GRPO, DeepSeekMath); "batch" by the batch std (`batch_std` when
-            given, else the std of `rewards`); "none" does not scale (Dr. GRPO).
-        batch_std: the unbiased std of the rewards over the global batch, for "batch" when the caller has gathered it
-            across ranks; ignored by the other modes.
-        eps: added to the std before dividing.
-
-    Returns:
-        (N,) float32 advantages, one per completion.
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    grouped = rewards.float().view(-1, group_size)  # (prompts, G)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        adv = adv / ((rewards.float().std() if batch_std is None else batch_std) + eps)
-    flat = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # no signal: exact zeros, never 0/0
-    return adv.masked_fill(flat, 0.0).reshape(-1)
-
-
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -69,11 +27,20 @@ def grpo_loss(
     beta: float = 0.0,
     max_completion_length: int | None = None,
     is_weights: torch.Tensor | None = None,
+    level: Literal["token", "sequence", "sequence_token"] = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy objective with separate lower/upper bounds (DAPO clip-higher) and an optional k3 KL penalty.
 
-    Per token: -min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A) + beta * kl, with r = exp(logp - old) and
-    kl = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0; `losses.kl.kl_estimate(..., "k3")`). Aggregation:
+    Per token: -min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A) + beta * kl, with kl = exp(ref - logp) -
+    (ref - logp) - 1 (k3, >= 0; `losses.kl.kl_estimate(..., "k3")`) and the importance ratio r by `level`:
+
+    - "token" (GRPO, PPO): r_t = exp(logp_t - old_t).
+    - "sequence" (GSPO, Zheng et al. 2025): the completion's length-normalised ratio s = exp(mean_t(logp_t - old_t)),
+      the same for all its tokens, so the clip acts on whole sequences.
+    - "sequence_token" (GSPO-token): r_t = sg[s] * exp(logp_t - sg[logp_t]): the value of s, the gradient of each
+      token's own log-prob scaled by s (token-level advantages then weigh tokens differently).
+
+    Aggregation:
 
     - "grpo": each sequence's token mean, then the mean over all B rows (an empty row adds 0 but counts in B, as TRL).
     - "dr_grpo": sum over tokens / (B * max_completion_length), a constant normaliser (Dr. GRPO).
@@ -88,7 +55,7 @@ def grpo_loss(
     Args:
         logprobs: (B, T) per-token log-probs under the current policy (carries the gradient).
         old_logprobs: (B, T) log-probs under the policy that sampled the completions.
-        advantages: (B,) one advantage per completion, broadcast over its tokens.
+        advantages: (B,) one advantage per completion, broadcast over its tokens, or (B, T) one per token.
         mask: (B, T) 1 on completion tokens, 0 elsewhere (prompt, padding).
         loss_type: "grpo", "dr_grpo" or "dapo" (see above).
         clip_low: lower clip epsilon: the ratio is clamped from below at 1 - clip_low.
@@ -102,12 +69,15 @@ def grpo_loss(
     Returns:
         The scalar float32 loss (masked positions may hold anything) and python-float stats over completion
         tokens: "clip_low_fraction" (r < 1 - clip_low and A < 0), "clip_high_fraction" (r > 1 + clip_high and A > 0),
-        "clip_fraction" (either), "ratio_mean", and "kl" when `ref_logprobs` is given.
+        "clip_fraction" (either), "ratio_mean", "kl" when `ref_logprobs` is given, and for the sequence levels
+        "sequence_clip_fraction" (completions whose sequence ratio is outside the clip range).
     """
     if loss_type not in ("grpo", "dr_grpo", "dapo"):
         raise ValueError(f"loss_type must be 'grpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
-    if advantages.dim() != 1 or advantages.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"advantages must be (B,) = ({logprobs.shape[0]},), got {tuple(advantages.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
+    if level not in ("token", "sequence", "sequence_token"):
+        raise ValueError(f"level must be 'token', 'sequence' or 'sequence_token', got {level!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
     keep = mask.bool()
@@ -119,8 +89,14 @@ def grpo_loss(
             raise ValueError(f"a completion is longer than max_completion_length={max_completion_length}")
 
     logprobs = logprobs.float()
-    adv = advantages.float().unsqueeze(1)  # (B, 1)
-    ratio = torch.exp(torch.where(keep, logprobs - old_logprobs.float(), 0.0))  # padding never overflows to inf
+    adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(1)  # (B, T) or (B, 1)
+    log_ratio = torch.where(keep, logprobs - old_logprobs.float(), 0.0)  # padding never overflows to inf
+    sequence = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1) GSPO's log s
+    if level == "sequence":
+        log_ratio = sequence.expand_as(log_ratio)
+    elif level == "sequence_token":
+        log_ratio = sequence.detach() + log_ratio - log_ratio.detach()
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
     if is_weights is not None:
@@ -149,4 +125,8 @@ def grpo_loss(
         }
         if kl is not None:
             stats["kl"] = masked_mean(kl, mask).item()
+        if level != "token":
+            s = sequence.squeeze(1).exp()
+            outside = ((s < 1.0 - clip_low) | (s > 1.0 + clip_high)).float()
+            stats["sequence_clip_fraction"] = masked_mean(outside, (mask.sum(1) > 0).float()).item()
     return loss, stats

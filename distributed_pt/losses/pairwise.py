@@ -25,11 +25,17 @@ def pairwise_loss(
 
 @torch.no_grad()
 def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """Accuracy (r_c > r_r), mean margin r_c - r_r, and mean/std of all rewards of the batch."""
+    """Accuracy (r_c > r_r; a tie counts half, as a coin flip would), mean margin r_c - r_r, and mean/std of all
+    rewards of the batch."""
     rewards = torch.cat([chosen, rejected]).float()
     return {
-        "accuracy": (chosen > rejected).float().mean().item(),
+        "accuracy": pair_accuracy(chosen, rejected),
         "margin": (chosen - rejected).float().mean().item(),
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std(unbiased=False).item(),
     }
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """The fraction of pairs whose chosen reward is higher, a tie counting half."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from distributed_pt import dist
 from distributed_pt.data.prompts import prompt_and_reference
@@ -159,6 +160,34 @@ class Samples:
     gen_time: float  # seconds spent generating
     engine_logprobs: torch.Tensor | None = None  # (B, L-1) the rollout engine's log-probs (vLLM), else None
     sync_time: float = 0.0  # seconds pushing the actor's weights into the engine before generating
+
+
+def take(s: Samples, rows: list[int]) -> Samples:
+    """The samples at `rows`, in that order (widths kept)."""
+    idx = torch.tensor(rows, dtype=torch.long, device=s.sequences.device)
+    logprobs = None if s.engine_logprobs is None else s.engine_logprobs[idx]
+    return Samples(s.sequences[idx], s.attention_mask[idx], s.action_mask[idx], s.ended[idx],
+                   [s.completions[i] for i in rows], s.gen_time, logprobs, s.sync_time)  # fmt: skip
+
+
+def cat(parts: list[Samples], pad_id: int) -> Samples:
+    """Samples of several rollouts as one batch, right-padded to the widest; their times added."""
+    width = max(p.sequences.size(1) for p in parts)
+
+    def joined(name: str, value: float = 0.0) -> torch.Tensor:
+        return torch.cat([F.pad(getattr(p, name), (0, width - p.sequences.size(1)), value=value) for p in parts])
+
+    logprobs = None if any(p.engine_logprobs is None for p in parts) else joined("engine_logprobs")
+    return Samples(joined("sequences", pad_id), joined("attention_mask"), joined("action_mask"),
+                   torch.cat([p.ended for p in parts]), [c for p in parts for c in p.completions],
+                   sum(p.gen_time for p in parts), logprobs, sum(p.sync_time for p in parts))  # fmt: skip
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to max_new_tokens - buffer tokens, then falling
+    linearly to -penalty at max_new_tokens (a completion cut there gets -penalty)."""
+    start = max_new_tokens - buffer
+    return -penalty * ((lengths.float() - start).clamp(min=0) / buffer).clamp(max=1.0)
 
 
 @torch.no_grad()

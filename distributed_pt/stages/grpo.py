@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from distributed_pt import dist
-from distributed_pt.config import ConfigError, GRPOConfig, ModelConfig
+from distributed_pt.config import ConfigError, GRPOConfig, GRPOSection, ModelConfig
 from distributed_pt.data.collate import ShardedBatches
 from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
@@ -28,16 +29,17 @@ from distributed_pt.data.sft import encode_prompt
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
-from distributed_pt.losses.grpo import group_advantages, grpo_loss
+from distributed_pt.losses.grpo import grpo_loss
 from distributed_pt.losses.masked import masked_mean
 from distributed_pt.models.heads import Backbone, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
+from distributed_pt.rl.advantages import group_advantages, reinforce_pp_advantages, rloo_advantages
 from distributed_pt.rl.engines import RolloutEngine, check_rollout_config, rollout_engine, seed_for
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 from distributed_pt.rl.offpolicy import mismatch_metrics, truncated_is_weights
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
-from distributed_pt.rl.rollout import Samples, rollout_rewards, sample
+from distributed_pt.rl.rollout import Samples, cat, overlong_penalty, rollout_rewards, sample, take
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -117,6 +119,20 @@ def main(cfg: GRPOConfig) -> dict:
     return run.finish(before, after)
 
 
+@dataclasses.dataclass
+class Rollout:
+    """Completions of a batch of prompts (each `num_generations` times, contiguous) and their rewards."""
+
+    samples: Samples
+    total: torch.Tensor  # (B,) reward
+    per_source: dict[str, torch.Tensor]  # each reward source's (B,) values
+    texts: list[str]  # each completion's prompt
+
+    def take(self, rows: list[int]) -> Rollout:
+        per = {k: v[rows] for k, v in self.per_source.items()}
+        return Rollout(take(self.samples, rows), self.total[rows], per, [self.texts[i] for i in rows])
+
+
 def train(
     run: Run,
     policy: Policy,
@@ -125,42 +141,104 @@ def train(
     batches: ShardedBatches,
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    grpo, G = run.cfg.grpo, run.cfg.grpo.num_generations
+    grpo = run.cfg.grpo
     rollouts = batches.iterate(run.state.micro_step)
-    while run.training():
+
+    def roll_out() -> Rollout:
+        """The next batch of prompts, sampled and scored (+ DAPO's overlong shaping)."""
         run.state.micro_step, indices = next(rollouts)
-        group = [i for i in indices for _ in range(G)]  # each prompt G times, contiguous
-        seed = seed_for(run.cfg.train.seed, run.state.step + 1, dist.rank())
+        group = [i for i in indices for _ in range(grpo.num_generations)]  # each prompt G times, contiguous
+        seed = seed_for(run.cfg.train.seed, run.state.micro_step, dist.rank())
         samples = sample(policy.rollouts, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
                          grpo.temperature, grpo.top_p, seed=seed)  # fmt: skip
-        texts = [prompt_and_reference(rows[i].data)[0] for i in group]
-        total, per_function = policy.rewards(samples, [rows[i].data for i in group], run.state.step + 1)
-        batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
-        advantages = group_advantages(total, G, grpo.scale_rewards, batch_std=batch_std)
+        total, per_source = policy.rewards(samples, [rows[i].data for i in group], run.state.step + 1)
+        if grpo.overlong_buffer:
+            lengths = samples.action_mask.sum(1)
+            per_source["overlong"] = overlong_penalty(lengths, grpo.max_new_tokens, grpo.overlong_buffer,
+                                                      grpo.overlong_penalty)  # fmt: skip
+            total = total + per_source["overlong"]
+        return Rollout(samples, total, per_source, [prompt_and_reference(rows[i].data)[0] for i in group])
+
+    while run.training():
+        batch, sampling = dynamic_sample(roll_out, grpo, tokenizer.pad_token_id) if grpo.dynamic_sampling else (
+            roll_out(), {})  # fmt: skip
         start = time.perf_counter()
-        stats = update(policy, samples, advantages, run.cfg, run.state.step)
+        stats = update(policy, batch.samples, batch.total, run.cfg, run.state.step)
         train_time = time.perf_counter() - start
-        metrics = rollout_metrics(samples, total, per_function, G, stats, train_time)
+        metrics = rollout_metrics(batch, grpo, stats | sampling, train_time)
         if grpo.sample_every and (run.state.step + 1) % grpo.sample_every == 0:
-            table = [[texts[i], samples.completions[i], total[i].item()] for i in range(min(4, len(texts)))]
+            completions = batch.samples.completions
+            table = [[batch.texts[i], completions[i], batch.total[i].item()] for i in range(min(4, len(completions)))]
             run.logger.log_table("samples", ["prompt", "completion", "reward"], table, step=run.state.step + 1)
             dist.print0(f"sample @ {run.state.step + 1}: {table[0][0]!r} -> {table[0][1]!r} (reward {table[0][2]:.2f})")
         run.end_step(metrics, postfix=("reward", "kl"))
 
 
-def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig, step: int) -> dict[str, float]:
-    """`num_iterations` passes over the rollout in shuffled minibatches of completions. With one pass the rollout's
-    log-probs are the current ones (detached); with more, or with the off-policy correction, they are computed once
-    before the first update. The engine-trainer mismatch is measured on the first minibatch, before any update."""
+def dynamic_sample(roll_out: Callable[[], Rollout], grpo: GRPOSection, pad_id: int) -> tuple[Rollout, dict]:
+    """DAPO's dynamic sampling: keep the groups whose rewards differ, rolling out more prompt batches (at most
+    `grpo.max_extra_rollouts`) until every rank has `grpo.rollout_batch_size` of them; every rank then keeps as many
+    as the rank with the fewest (collective: the decisions are taken on all-reduced counts). With none anywhere, the
+    first rollout is kept whole. Returns the batch and {"dropped_group_fraction", "extra_rollouts"}."""
+    G, want = grpo.num_generations, grpo.rollout_batch_size
+    first = batch = roll_out()
+    kept: list[Rollout] = []
+    n_kept = sampled = extra = 0
+    while True:
+        informative = batch.total.view(-1, G).std(1) > 0
+        rows = [g * G + k for g in informative.nonzero().flatten().tolist() for k in range(G)]
+        kept.append(batch.take(rows))
+        n_kept, sampled = n_kept + len(rows) // G, sampled + len(informative)
+        fewest = -dist.all_reduce_max(torch.tensor([-float(n_kept)])).item()  # the minimum over ranks
+        if fewest >= want or extra >= grpo.max_extra_rollouts:
+            break
+        batch, extra = roll_out(), extra + 1
+    n = int(min(fewest, want))
+    if n == 0:
+        out = first
+    else:
+        joined = Rollout(cat([k.samples for k in kept], pad_id), torch.cat([k.total for k in kept]),
+                         {key: torch.cat([k.per_source[key] for k in kept]) for key in first.per_source},
+                         [t for k in kept for t in k.texts])  # fmt: skip
+        out = joined.take(list(range(n * G)))
+    return out, {"dropped_group_fraction": 1.0 - n_kept / sampled, "extra_rollouts": float(extra),
+                 "groups": float(n or len(first.total) // G)}  # fmt: skip
+
+
+def estimate_advantages(
+    total: torch.Tensor, mask: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None, grpo: GRPOSection
+) -> torch.Tensor:
+    """`grpo.advantage_estimator`'s advantages: (B,) for grpo and rloo, (B, T) for the REINFORCE++ pair (collective
+    where they normalise over the batch)."""
+    G, estimator = grpo.num_generations, grpo.advantage_estimator
+    if estimator == "grpo":
+        batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
+        return group_advantages(total, G, grpo.scale_rewards, batch_std=batch_std)
+    if estimator == "rloo":
+        return rloo_advantages(total, G)
+    kl = None if ref is None else old - ref  # k1 per token, in the rewards
+    return reinforce_pp_advantages(total, mask, kl, grpo.beta, G if estimator == "reinforce_pp_baseline" else None)
+
+
+def update(policy: Policy, s: Samples, total: torch.Tensor, cfg: GRPOConfig, step: int) -> dict[str, float]:
+    """Advantages of the rollout, then `num_iterations` passes over it in shuffled minibatches of completions. With
+    one pass the rollout's log-probs are the current ones (detached); with more, with the off-policy correction, or
+    with REINFORCE++'s KL in the rewards, they are computed once before the first update. The engine-trainer
+    mismatch is measured on the first minibatch, before any update."""
     grpo, actor = cfg.grpo, policy.actor
     seqs, attn, mask = s.sequences, s.attention_mask, s.action_mask
+    if grpo.mask_truncated:  # DAPO's overlong filtering: completions cut at max_new_tokens teach nothing
+        mask = mask * s.ended.unsqueeze(1)
     engine, correction = s.engine_logprobs, cfg.rollout.correction
+    kl_in_reward = grpo.advantage_estimator.startswith("reinforce_pp")
     old = ref = offpolicy = None
     with torch.no_grad():
-        if grpo.num_iterations > 1 or correction != "none":
+        if grpo.num_iterations > 1 or correction != "none" or (kl_in_reward and grpo.beta > 0):
             old = token_logprobs(actor, seqs, attn, grpo.temperature, policy.fused)[0]
         if grpo.beta > 0:
             ref = reference_logprobs(actor, policy.reference, seqs, attn, grpo.temperature, policy.fused)
+    advantages = estimate_advantages(total, mask, old, ref, grpo)
+    token_adv = advantages.dim() == 2
+    beta = 0.0 if kl_in_reward else grpo.beta
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     totals: dict[str, float] = {}
     n = 0
@@ -173,14 +251,15 @@ def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig
             m = mask[rows, : width - 1]
             old_mb = logp.detach() if old is None else old[rows, : width - 1]
             ref_mb = None if ref is None else ref[rows, : width - 1]
+            adv_mb = advantages[rows, : width - 1] if token_adv else advantages[rows]
             is_weights = None
             if engine is not None:
                 engine_mb = engine[rows, : width - 1]
                 offpolicy = offpolicy or mismatch_metrics(old_mb, engine_mb, m)  # collective, same minibatch index
                 if correction != "none":
                     is_weights = truncated_is_weights(old_mb, engine_mb, m, correction, cfg.rollout.correction_cap)
-            loss, stats = grpo_loss(logp, old_mb, advantages[rows], m, grpo.loss_type, grpo.clip_low, grpo.clip_high,
-                                    ref_mb, grpo.beta, grpo.max_new_tokens, is_weights)  # fmt: skip
+            loss, stats = grpo_loss(logp, old_mb, adv_mb, m, grpo.loss_type, grpo.clip_low, grpo.clip_high, ref_mb,
+                                    beta, grpo.max_new_tokens, is_weights, grpo.importance_sampling_level)  # fmt: skip
             check_finite(loss, step + 1)
             actor.backward(loss)
             actor.step()
@@ -188,7 +267,13 @@ def update(policy: Policy, s: Samples, advantages: torch.Tensor, cfg: GRPOConfig
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
-    return {k: v / n for k, v in totals.items()} | (offpolicy or {})
+    adv_stats = advantages if token_adv else advantages.unsqueeze(1).expand_as(mask)
+    totals_mean = {k: v / n for k, v in totals.items()}
+    with torch.no_grad():
+        mean = masked_mean(adv_stats, mask)
+        totals_mean["advantage_mean"] = mean.item()
+        totals_mean["advantage_std"] = masked_mean((adv_stats - mean) ** 2, mask).sqrt().item()
+    return totals_mean | (offpolicy or {})
 
 
 def global_std(x: torch.Tensor) -> float:
@@ -198,21 +283,19 @@ def global_std(x: torch.Tensor) -> float:
     return max((sq - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
 
 
-def rollout_metrics(
-    s: Samples,
-    total: torch.Tensor,
-    per_function: dict[str, torch.Tensor],
-    G: int,
-    stats: dict[str, float],
-    train_time: float,
-) -> dict[str, float]:
-    """Rewards (total and per function), group spread, completion lengths, EOS, speeds and the update's statistics,
-    averaged over ranks (max length: the largest over ranks)."""
+def rollout_metrics(batch: Rollout, grpo: GRPOSection, stats: dict[str, float], train_time: float) -> dict[str, float]:
+    """Rewards (total and per source), group spread, completion lengths, EOS, overlong share, speeds and the update's
+    statistics (advantages, clipping, dynamic sampling), averaged over ranks (max length: the largest over ranks)."""
+    s, total = batch.samples, batch.total
     lengths = s.action_mask.sum(1)
-    group_std = total.view(-1, G).std(1, unbiased=False)
+    group_std = total.view(-1, grpo.num_generations).std(1, unbiased=False)
+    if grpo.overlong_buffer:  # completions in the penalised zone (or cut)
+        stats = stats | {
+            "overlong_fraction": (lengths > grpo.max_new_tokens - grpo.overlong_buffer).float().mean().item()
+        }
     local = {
         "reward": total.mean().item(),
-        **{f"reward/{name}": v.float().mean().item() for name, v in per_function.items()},
+        **{f"reward/{name}": v.float().mean().item() for name, v in batch.per_source.items()},
         "reward_group_std": group_std.mean().item(),
         "zero_std_fraction": (group_std < 1e-6).float().mean().item(),
         "completion_length": lengths.float().mean().item(),
@@ -274,7 +357,7 @@ def reference_kind(cfg: GRPOConfig) -> str:
 
 def check_config(cfg: GRPOConfig) -> None:
     """What the typed config cannot say: reward functions are set, groups have at least 2 completions, the rollout
-    splits into micro batches."""
+    splits into micro batches, the overlong buffer fits, the rollout engine's settings."""
     grpo = cfg.grpo
     if not cfg.reward.functions and grpo.reward_model is None:
         raise ConfigError("reward.functions: GRPO needs reward functions (module.path:function) or grpo.reward_model")
@@ -284,4 +367,9 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ConfigError("grpo.rollout_batch_size x grpo.num_generations must be a multiple of train.micro_batch_size")
     if cfg.train.gradient_accumulation_steps != 1:
         raise ConfigError("train.gradient_accumulation_steps: GRPO steps once per minibatch; set it to 1")
+    if not 0 <= grpo.overlong_buffer < grpo.max_new_tokens:
+        raise ConfigError(f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens = {grpo.max_new_tokens}), got "
+                          f"{grpo.overlong_buffer}")  # fmt: skip
+    if grpo.max_extra_rollouts < 0:
+        raise ConfigError(f"grpo.max_extra_rollouts must be >= 0, got {grpo.max_extra_rollouts}")
     check_rollout_config(cfg)

@@ -80,11 +80,11 @@ def test_implicit_rewards():
         implicit_rewards(PC, 0.5)
 
 
-def test_accuracy_counts_ties_as_wrong():
-    # policy == reference: every reward is 0, loss log 2, nothing is "won"
+def test_accuracy_counts_ties_as_half():
+    # policy == reference: every reward is 0, loss log 2, every pair a tie: a coin flip's 0.5
     loss, stats = dpo_loss(RC, RR, RC, RR, "sigmoid", beta=0.5)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
-    assert stats["rewards/accuracy"] == 0.0 and stats["rewards/margin"] == 0.0
+    assert stats["rewards/accuracy"] == 0.5 and stats["rewards/margin"] == 0.0
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])

@@ -7,57 +7,8 @@ import math
 import pytest
 import torch
 
-from distributed_pt.losses.grpo import group_advantages, grpo_loss
+from distributed_pt.losses.grpo import grpo_loss
 from distributed_pt.losses.kl import kl_estimate
-
-EPS = 1e-4
-# Two prompts, G = 3: group 1 = [0, 0, 3] (mean 1, deviations -1, -1, 2, unbiased var (1 + 1 + 4) / 2 = 3),
-# group 2 = [5, 5, 5] (no signal). Whole batch: mean 3, deviations -3, -3, 0, 2, 2, 2, unbiased var 30 / 5 = 6.
-REWARDS = torch.tensor([0.0, 0.0, 3.0, 5.0, 5.0, 5.0])
-DEVIATIONS = [-1.0, -1.0, 2.0, 0.0, 0.0, 0.0]
-
-
-@pytest.mark.parametrize(
-    "scale, batch_std, divisor",
-    [
-        ("group", None, math.sqrt(3) + EPS),  # group 2's std is 0, but its deviations are exactly 0
-        ("batch", None, math.sqrt(6) + EPS),
-        ("batch", 2.0, 2.0 + EPS),  # the caller's all-reduced std wins over the local one
-        ("none", None, 1.0),
-    ],
-)
-def test_group_advantages_hand_computed(scale, batch_std, divisor):
-    adv = group_advantages(REWARDS, group_size=3, scale=scale, batch_std=batch_std)
-    assert adv.shape == (6,)
-    assert adv.tolist() == pytest.approx([d / divisor for d in DEVIATIONS], rel=1e-6)
-
-
-def test_group_std_is_unbiased():
-    # [0, 1]: biased std 0.5 would give ±1; unbiased std sqrt(0.5) gives ±0.5 / sqrt(0.5) = ±sqrt(0.5)
-    adv = group_advantages(torch.tensor([0.0, 1.0]), group_size=2, scale="group", eps=0.0)
-    assert adv.tolist() == pytest.approx([-math.sqrt(0.5), math.sqrt(0.5)], rel=1e-6)
-
-
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-@pytest.mark.parametrize("eps", [1e-4, 0.0])
-def test_a_group_with_equal_rewards_gets_exactly_zero(scale, eps):
-    # 0.1 and 0.7 are not exact in binary, so mean subtraction alone would leave rounding noise; eps=0 would be 0/0
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])
-    adv = group_advantages(rewards, group_size=3, scale=scale, eps=eps)
-    assert adv.tolist() == [0.0] * 6
-    mixed = group_advantages(torch.tensor([0.1, 0.1, 1.0, 0.0]), group_size=2, scale=scale, eps=eps)
-    assert mixed[:2].tolist() == [0.0, 0.0] and torch.isfinite(mixed).all()
-
-
-def test_group_advantages_rejects_bad_input():
-    with pytest.raises(ValueError, match="group_size"):
-        group_advantages(torch.ones(4), group_size=1, scale="group")
-    with pytest.raises(ValueError, match="groups of 3"):
-        group_advantages(torch.ones(4), group_size=3, scale="group")
-    with pytest.raises(ValueError, match="scale"):
-        group_advantages(torch.ones(4), group_size=2, scale="prompt")
-    with pytest.raises(ValueError, match="1-D"):
-        group_advantages(torch.ones(2, 2), group_size=2, scale="group")
 
 
 def _lp(ratios: list[list[float]]) -> torch.Tensor:
@@ -208,3 +159,55 @@ def test_on_policy_loss_is_minus_the_mean_advantage(loss_type, expected):
     )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats["ratio_mean"] == 1.0 and stats["clip_fraction"] == 0.0
+
+
+def gspo_reference(logp, old, adv, mask, level, clip_low, clip_high):
+    """GSPO (Zheng et al. 2025) in float64, written from the paper: s_i = exp(mean_t(logp - old)); "sequence":
+    -min(s A, clip(s) A) at every token; "sequence_token": s_{i,t} = sg[s_i] * pi_t / sg[pi_t]. Token mean per
+    completion, then the mean over completions (loss_type "grpo")."""
+    x = logp.double()
+    m = mask.double()
+    seq = ((x - old.double()) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+    if level == "sequence":
+        ratio = seq.exp().expand_as(x)
+    else:
+        ratio = seq.detach().exp() * torch.exp(x - x.detach())
+    a = adv.double() if adv.dim() == 2 else adv.double()[:, None]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean(), seq.squeeze(1).exp()
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+@pytest.mark.parametrize("token_advantages", [False, True])
+def test_gspo_loss_and_gradient_against_float64(level, token_advantages):
+    g = torch.Generator().manual_seed(7)
+    B, T = 5, 9
+    old = -torch.rand(B, T, generator=g) * 2
+    logp = (old + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()
+    mask = torch.zeros(B, T)
+    for i, (start, n) in enumerate([(0, 9), (2, 4), (1, 1), (3, 6), (4, 0)]):  # an empty completion too
+        mask[i, start : start + n] = 1
+    adv = torch.randn(B, T, generator=g) if token_advantages else torch.randn(B, generator=g)
+    loss, stats = grpo_loss(logp, old, adv, mask, "grpo", 0.1, 0.15, level=level)
+    (grad,) = torch.autograd.grad(loss, logp)
+    x = logp.detach().double().requires_grad_()
+    want, seq_ratio = gspo_reference(x, old, adv, mask, level, 0.1, 0.15)
+    (want_grad,) = torch.autograd.grad(want, x)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+    outside = ((seq_ratio < 0.9) | (seq_ratio > 1.15))[:4].double().mean().item()  # the 4 non-empty completions
+    assert stats["sequence_clip_fraction"] == pytest.approx(outside)
+    assert (seq_ratio[:4] - 1).abs().max() > 0.15  # some sequences are clipped: the test exercises the clip
+
+
+def test_gspo_token_has_the_sequence_value_and_a_per_token_gradient():
+    """GSPO-token: the same loss value as GSPO with per-sequence advantages, a different gradient distribution."""
+    g = torch.Generator().manual_seed(8)
+    old = -torch.rand(3, 5, generator=g)
+    logp = (old + 0.05 * torch.randn(3, 5, generator=g)).requires_grad_()
+    mask, adv = torch.ones(3, 5), torch.randn(3, generator=g)
+    seq, _ = grpo_loss(logp, old, adv, mask, "grpo", 0.2, 0.2, level="sequence")
+    tok, _ = grpo_loss(logp, old, adv, mask, "grpo", 0.2, 0.2, level="sequence_token")
+    assert seq.item() == pytest.approx(tok.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="level"):
+        grpo_loss(logp, old, adv, mask, "grpo", 0.2, 0.2, level="batch")

@@ -35,7 +35,7 @@ def test_gradient_pushes_chosen_up_and_rejected_down():
 
 def test_metrics():
     m = pairwise_metrics(torch.tensor([3.0, 0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0, 2.0]))
-    assert m["accuracy"] == 0.5  # ties are not wins
+    assert m["accuracy"] == (2 + 0.5) / 4  # two wins, a loss and a tie (half)
     assert m["margin"] == pytest.approx((2 - 1 + 1 + 0) / 4)
     rewards = torch.tensor([3.0, 0.0, 1.0, 2.0, 1.0, 1.0, 0.0, 2.0])
     assert m["reward_mean"] == pytest.approx(rewards.mean().item())

@@ -94,6 +94,12 @@ def test_a_reward_model_alone(tmp_path, sft_zero2_run, rm_zero2_run):
         ("reward.functions=[]", "reward.functions: GRPO needs reward functions"),
         ("grpo.num_generations=1", "grpo.num_generations must be >= 2"),
         ("grpo.rollout_batch_size=3", "must be a multiple of train.micro_batch_size"),
+        ("grpo.overlong_buffer=12", "grpo.overlong_buffer must be in"),
+        ("grpo.overlong_buffer=-1", "grpo.overlong_buffer must be in"),
+        ("grpo.max_extra_rollouts=-1", "grpo.max_extra_rollouts must be >= 0"),
+        ("rollout.correction=token", "rollout.correction=token: needs rollout.engine=vllm"),
+        ("rollout.correction_cap=0.5", "rollout.correction_cap must be >= 1"),
+        ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
     ],
 )
 def test_check_config_names_the_key(override, message):
@@ -112,3 +118,25 @@ def test_global_std_is_the_unbiased_std_of_the_batch():
 
     x = torch.tensor([0.0, 1.0, 3.0, 4.0])
     assert global_std(x) == pytest.approx(x.std().item())  # one process: the batch is this rank's values
+
+
+def test_the_critic_free_family_in_one_run(tmp_path, sft_zero2_run):
+    """REINFORCE++-baseline (KL in the rewards) with GSPO-token ratios, DAPO's dynamic sampling, overlong shaping and
+    truncated-completion masking, on 2 ranks under ZeRO-2: each step trains on as many informative groups on every
+    rank (at most rollout_batch_size), the extra rollouts stay within their bound, and the new metrics are logged."""
+    extra = ["deepspeed.config=configs/deepspeed/zero2.json", "grpo.advantage_estimator=reinforce_pp_baseline",
+             "grpo.beta=0.05", "grpo.importance_sampling_level=sequence_token", "grpo.dynamic_sampling=true",
+             "grpo.max_extra_rollouts=2", "grpo.overlong_buffer=3", "grpo.mask_truncated=true",
+             "checkpoint.save_every=0", "train.max_steps=3"]  # fmt: skip
+    run_launcher(CONFIG, _overrides(sft_zero2_run, tmp_path, *extra))
+    steps = {m["step"]: m for m in read_metrics(tmp_path) if "reward" in m and "eval/reward" not in m}
+    assert sorted(steps) == [1, 2, 3]
+    for m in steps.values():
+        assert 0 <= m["extra_rollouts"] <= 2 and 0 <= m["dropped_group_fraction"] <= 1
+        assert 1 <= m["groups"] <= 4 and m["groups"] == int(m["groups"])  # the same count on both ranks (mean)
+        if m["extra_rollouts"] < 2:  # stopped early: the batch was full
+            assert m["groups"] == 4
+        for key in ("advantage_mean", "advantage_std", "sequence_clip_fraction", "overlong_fraction",
+                    "reward/overlong", "kl"):  # fmt: skip
+            assert key in m, (key, sorted(m))
+        assert abs(m["advantage_mean"]) < 1.0 and m["reward/overlong"] <= 0
