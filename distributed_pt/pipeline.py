@@ -6,6 +6,8 @@
     python -m distributed_pt.pipeline --rl grpo            # SFT → GRPO
     python -m distributed_pt.pipeline --rl dpo             # SFT → pairs → DPO
     python -m distributed_pt.pipeline --rl grpo --rollout-engine vllm   # rollouts by vLLM (the vllm extra)
+    python -m distributed_pt.pipeline --rl grpo --stages grpo --set grpo.advantage_estimator=rloo \
+        --set output_dir=outputs/grpo_rloo                 # GRPO again from the same SFT model, with overrides
     python -m distributed_pt.pipeline --nproc 8 --sft my_sft.yaml --rm my_rm.yaml --ppo my_ppo.yaml
 
 The stage configs chain through their paths (rm's model.path is sft's output_dir/final, and so on). The `pairs` step
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rollout-engine", choices=["hf", "vllm"], help="the RL stage's rollout.engine (default: its config's)"
     )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the RL stage (ppo, grpo or dpo); repeatable")  # fmt: skip
     args = parser.parse_args(argv)
 
     from distributed_pt.data.sample_pairs import main as sample_pairs
@@ -178,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
                           f"--out={sft_out / 'pref_samples.jsonl'}"])  # fmt: skip
             continue
         config = resolve_path(getattr(args, stage))  # yours, else the bundled one of that name
-        overrides = (
-            [f"rollout.engine={args.rollout_engine}"] if args.rollout_engine and stage in ("ppo", "grpo") else []
-        )
+        overrides = []
+        if stage in STAGE_ORDER:  # the RL stage
+            overrides = [f"rollout.engine={args.rollout_engine}"] if args.rollout_engine and stage != "dpo" else []
+            overrides += args.set
         seconds = run_stage(config, nproc, overrides)
-        out = Path(yaml.safe_load(config.read_text())["output_dir"])
+        out_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+        out = Path(out_dirs[-1] if out_dirs else yaml.safe_load(config.read_text())["output_dir"])
         results[stage] = (json.loads((out / "summary.json").read_text()), seconds)
     table = summary_table(results) + "\n\n" + provenance()
     (out.parent / "summary.md").write_text(table + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Higher may import lower or equal; `pipeline`/`train` sit on top.
 LAYERS = {
-    "config": 0, "dist": 0, "kernels": 0, "paths": 0,
+    "config": 0, "dist": 0, "kernels": 0, "paths": 0, "typed_config": 0,
     "data": 1,
     "models": 2,
     "checkpoint": 3, "logging": 3,

@@ -354,7 +354,7 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
 def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
     """When `plan` does not fit: the changes (config overrides), cheapest first, that each make it fit, with their
     predicted memory; if none does alone, the cheapest combination that does (or the closest one)."""
-    from distributed_pt.config import _apply_override
+    from distributed_pt.typed_config import apply_override
 
     mb, gas = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     candidates: list[dict[str, str]] = []
@@ -381,7 +381,7 @@ def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
     def total(overrides: dict[str, str]) -> float:
         changed = copy.deepcopy(cfg)
         for key, value in overrides.items():
-            _apply_override(changed, f"{key}={value}")
+            apply_override(changed, f"{key}={value}")
         return make_plan(changed, hw).total
 
     def entry(overrides: dict[str, str], t: float) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,12 +33,12 @@ from distributed_pt.losses.masked import masked_mean
 from distributed_pt.models.heads import Backbone, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
-from distributed_pt.rl.advantages import group_advantages, reinforce_pp_advantages, rloo_advantages
 from distributed_pt.rl.engines import RolloutEngine, check_rollout_config, rollout_engine, seed_for
+from distributed_pt.rl.groups import Rollout, dynamic_sample, estimate_advantages, overlong_shaped
 from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
 from distributed_pt.rl.offpolicy import mismatch_metrics, truncated_is_weights
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
-from distributed_pt.rl.rollout import Samples, cat, overlong_penalty, rollout_rewards, sample, take
+from distributed_pt.rl.rollout import Samples, rollout_rewards, sample
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -119,20 +118,6 @@ def main(cfg: GRPOConfig) -> dict:
     return run.finish(before, after)
 
 
-@dataclasses.dataclass
-class Rollout:
-    """Completions of a batch of prompts (each `num_generations` times, contiguous) and their rewards."""
-
-    samples: Samples
-    total: torch.Tensor  # (B,) reward
-    per_source: dict[str, torch.Tensor]  # each reward source's (B,) values
-    texts: list[str]  # each completion's prompt
-
-    def take(self, rows: list[int]) -> Rollout:
-        per = {k: v[rows] for k, v in self.per_source.items()}
-        return Rollout(take(self.samples, rows), self.total[rows], per, [self.texts[i] for i in rows])
-
-
 def train(
     run: Run,
     policy: Policy,
@@ -152,12 +137,8 @@ def train(
         samples = sample(policy.rollouts, [prompts[i] for i in group], tokenizer, grpo.max_new_tokens,
                          grpo.temperature, grpo.top_p, seed=seed)  # fmt: skip
         total, per_source = policy.rewards(samples, [rows[i].data for i in group], run.state.step + 1)
-        if grpo.overlong_buffer:
-            lengths = samples.action_mask.sum(1)
-            per_source["overlong"] = overlong_penalty(lengths, grpo.max_new_tokens, grpo.overlong_buffer,
-                                                      grpo.overlong_penalty)  # fmt: skip
-            total = total + per_source["overlong"]
-        return Rollout(samples, total, per_source, [prompt_and_reference(rows[i].data)[0] for i in group])
+        texts = [prompt_and_reference(rows[i].data)[0] for i in group]
+        return overlong_shaped(Rollout(samples, total, per_source, texts), grpo)
 
     while run.training():
         batch, sampling = dynamic_sample(roll_out, grpo, tokenizer.pad_token_id) if grpo.dynamic_sampling else (
@@ -167,56 +148,8 @@ def train(
         train_time = time.perf_counter() - start
         metrics = rollout_metrics(batch, grpo, stats | sampling, train_time)
         if grpo.sample_every and (run.state.step + 1) % grpo.sample_every == 0:
-            completions = batch.samples.completions
-            table = [[batch.texts[i], completions[i], batch.total[i].item()] for i in range(min(4, len(completions)))]
-            run.logger.log_table("samples", ["prompt", "completion", "reward"], table, step=run.state.step + 1)
-            dist.print0(f"sample @ {run.state.step + 1}: {table[0][0]!r} -> {table[0][1]!r} (reward {table[0][2]:.2f})")
+            batch.log_samples(run.logger, run.state.step + 1)
         run.end_step(metrics, postfix=("reward", "kl"))
-
-
-def dynamic_sample(roll_out: Callable[[], Rollout], grpo: GRPOSection, pad_id: int) -> tuple[Rollout, dict]:
-    """DAPO's dynamic sampling: keep the groups whose rewards differ, rolling out more prompt batches (at most
-    `grpo.max_extra_rollouts`) until every rank has `grpo.rollout_batch_size` of them; every rank then keeps as many
-    as the rank with the fewest (collective: the decisions are taken on all-reduced counts). With none anywhere, the
-    first rollout is kept whole. Returns the batch and {"dropped_group_fraction", "extra_rollouts"}."""
-    G, want = grpo.num_generations, grpo.rollout_batch_size
-    first = batch = roll_out()
-    kept: list[Rollout] = []
-    n_kept = sampled = extra = 0
-    while True:
-        informative = batch.total.view(-1, G).std(1) > 0
-        rows = [g * G + k for g in informative.nonzero().flatten().tolist() for k in range(G)]
-        kept.append(batch.take(rows))
-        n_kept, sampled = n_kept + len(rows) // G, sampled + len(informative)
-        fewest = -dist.all_reduce_max(torch.tensor([-float(n_kept)])).item()  # the minimum over ranks
-        if fewest >= want or extra >= grpo.max_extra_rollouts:
-            break
-        batch, extra = roll_out(), extra + 1
-    n = int(min(fewest, want))
-    if n == 0:
-        out = first
-    else:
-        joined = Rollout(cat([k.samples for k in kept], pad_id), torch.cat([k.total for k in kept]),
-                         {key: torch.cat([k.per_source[key] for k in kept]) for key in first.per_source},
-                         [t for k in kept for t in k.texts])  # fmt: skip
-        out = joined.take(list(range(n * G)))
-    return out, {"dropped_group_fraction": 1.0 - n_kept / sampled, "extra_rollouts": float(extra),
-                 "groups": float(n or len(first.total) // G)}  # fmt: skip
-
-
-def estimate_advantages(
-    total: torch.Tensor, mask: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None, grpo: GRPOSection
-) -> torch.Tensor:
-    """`grpo.advantage_estimator`'s advantages: (B,) for grpo and rloo, (B, T) for the REINFORCE++ pair (collective
-    where they normalise over the batch)."""
-    G, estimator = grpo.num_generations, grpo.advantage_estimator
-    if estimator == "grpo":
-        batch_std = global_std(total) if grpo.scale_rewards == "batch" else None
-        return group_advantages(total, G, grpo.scale_rewards, batch_std=batch_std)
-    if estimator == "rloo":
-        return rloo_advantages(total, G)
-    kl = None if ref is None else old - ref  # k1 per token, in the rewards
-    return reinforce_pp_advantages(total, mask, kl, grpo.beta, G if estimator == "reinforce_pp_baseline" else None)
 
 
 def update(policy: Policy, s: Samples, total: torch.Tensor, cfg: GRPOConfig, step: int) -> dict[str, float]:
@@ -274,13 +207,6 @@ def update(policy: Policy, s: Samples, total: torch.Tensor, cfg: GRPOConfig, ste
         totals_mean["advantage_mean"] = mean.item()
         totals_mean["advantage_std"] = masked_mean((adv_stats - mean) ** 2, mask).sqrt().item()
     return totals_mean | (offpolicy or {})
-
-
-def global_std(x: torch.Tensor) -> float:
-    """Unbiased std of `x` over every rank's values (one all-reduce), as `group_advantages` computes its own."""
-    sums = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).double().cpu()
-    total, sq, n = dist.all_reduce_sum(sums).tolist()
-    return max((sq - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
 
 
 def rollout_metrics(batch: Rollout, grpo: GRPOSection, stats: dict[str, float], train_time: float) -> dict[str, float]:
@@ -350,9 +276,8 @@ def evaluate(policy: Policy, rows: list[Row], tokenizer: PreTrainedTokenizerBase
 
 
 def reference_kind(cfg: GRPOConfig) -> str:
-    if cfg.grpo.beta <= 0:
-        return "none (grpo.beta = 0: no KL term, no reference model loaded)"
-    return "the policy with LoRA adapters off" if cfg.lora.enabled else "a frozen copy"
+    lora = "the policy with LoRA adapters off" if cfg.lora.enabled else "a frozen copy"
+    return lora if cfg.grpo.beta > 0 else "none (grpo.beta = 0: no KL term, no reference model loaded)"
 
 
 def check_config(cfg: GRPOConfig) -> None:

@@ -19,7 +19,6 @@ from distributed_pt.config import (
     ModelConfig,
     SFTConfig,
     TrainConfig,
-    _apply_override,
     load_config,
 )
 from distributed_pt.engine.planner import (
@@ -33,6 +32,7 @@ from distributed_pt.engine.planner import (
     model_states,
     suggest,
 )
+from distributed_pt.typed_config import apply_override
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -149,7 +149,7 @@ def test_a_config_that_cannot_fit_gets_suggestions_that_do():
     for s in suggestions:  # each suggestion, applied to the config, plans as it said
         changed = copy.deepcopy(cfg)
         for item in s["change"]:
-            _apply_override(changed, item)
+            apply_override(changed, item)
         assert make_plan(changed, hw).total == s["total"] <= hw.gpu_memory
 
 

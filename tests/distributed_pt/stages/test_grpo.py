@@ -111,15 +111,6 @@ def test_check_config_names_the_key(override, message):
         grpo.check_config(load_config(CONFIG, [override]))
 
 
-def test_global_std_is_the_unbiased_std_of_the_batch():
-    import torch
-
-    from distributed_pt.stages.grpo import global_std
-
-    x = torch.tensor([0.0, 1.0, 3.0, 4.0])
-    assert global_std(x) == pytest.approx(x.std().item())  # one process: the batch is this rank's values
-
-
 def test_the_critic_free_family_in_one_run(tmp_path, sft_zero2_run):
     """REINFORCE++-baseline (KL in the rewards) with GSPO-token ratios, DAPO's dynamic sampling, overlong shaping and
     truncated-completion masking, on 2 ranks under ZeRO-2: each step trains on as many informative groups on every
