@@ -5,8 +5,9 @@ Each rank (or each group of `rollout.tensor_parallel_size` consecutive ranks) ru
 `model.path`. Before generating, the actor's current weights are pushed in when the actor has stepped since the last
 push: in buckets of whole transformer blocks of about `rollout.sync_bucket_mib` (so a layer vLLM fuses, e.g. q/k/v
 into qkv_proj, always arrives in one call), ZeRO-3 parameters gathered one module at a time, LoRA adapters merged into
-the base weights pushed (after the first push, only modules with trainable parameters). A weight shared by two vLLM
-layers (tied embeddings) has the second layer's kernel state rebuilt, and the prefix cache is reset after each push.
+the base weights pushed (after the first push, only the modules that train and their siblings). A weight shared by
+two vLLM layers (tied embeddings) has the second layer's kernel state rebuilt, and the prefix cache is reset after
+each push.
 On CUDA (`rollout.sleep`) the engine sleeps while the actor trains: its KV cache is freed, and its weights are
 offloaded (LoRA: only some are pushed again) or dropped (full fine-tuning: all are pushed again).
 
@@ -126,15 +127,19 @@ class VLLMEngine:
         if self.asleep and not self.weights_awake:
             self.llm.wake_up(tags=["weights"])
             self.weights_awake = True
+        entries = modules_in_blocks(unwrap(self.actor))
+        # After the first push, the modules that train, and their siblings: vLLM fuses siblings (q/k/v, gate/up) into
+        # one layer, which must get all its parts in one push.
+        training = {parent(name) for name, module, _ in entries if any(p.requires_grad for p in module.parameters())}
         everything = self.synced_step is None
         bucket: list[tuple[str, torch.Tensor]] = []
         size, block, seen = 0, None, set()
-        for name, module, block_of in modules_in_blocks(unwrap(self.actor)):
+        for name, module, block_of in entries:
             if block_of != block and size >= self.bucket_bytes:
                 self._push(bucket)
                 bucket, size = [], 0
             block = block_of
-            if everything or any(p.requires_grad for p in module.parameters(recurse=False)):
+            if everything or parent(name) in training:
                 for key, tensor in module_weights(name, module, seen):
                     bucket.append((key, tensor))
                     size += tensor.numel() * tensor.element_size()
@@ -193,6 +198,10 @@ def modules_in_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), len(parts))
         out.append((name, module, ".".join(parts[:cut])))
     return out
+
+
+def parent(name: str) -> str:
+    return name.rpartition(".")[0]
 
 
 def module_weights(name: str, module: nn.Module, seen: set[int]) -> list[tuple[str, torch.Tensor]]:

@@ -46,7 +46,8 @@ if __name__ == "__main__":  # vLLM may spawn workers
     model.save_pretrained(path)
     cfg = load_config("configs/grpo_tiny.yaml", [
         f"model.path={path}", "rollout.engine=vllm", f"rollout.sync_bucket_mib={bucket}",
-        f"deepspeed.zero_stage={stage}", f"lora.enabled={lora}", "lora.r=4", "optim.lr=1e-2", "optim.warmup_steps=0"])
+        f"deepspeed.zero_stage={stage}", f"lora.enabled={lora != 'false'}", "lora.r=4", "optim.lr=1e-2",
+        "optim.warmup_steps=0", *(["lora.target_modules=[q_proj,v_proj]"] if lora == "qv" else [])])
     make_trainable(model, cfg.lora, False, name="policy")
     actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, 10)
     hf, vllm = HFEngine(actor, tok), VLLMEngine(cfg, actor, tok)
@@ -72,8 +73,8 @@ if __name__ == "__main__":  # vLLM may spawn workers
 
 @pytest.mark.parametrize(
     "stage, lora, bucket",
-    [("0", "false", "256"), ("3", "false", "0"), ("2", "true", "256")],
-    ids=["full-one-bucket", "zero3-per-block-tied", "lora-merged"],
+    [("0", "false", "256"), ("3", "false", "0"), ("2", "true", "256"), ("2", "qv", "0")],
+    ids=["full-one-bucket", "zero3-per-block-tied", "lora-merged", "lora-q-v-only-per-block"],
 )
 def test_greedy_tokens_and_logprobs_match_the_trainer_before_and_after_steps(tmp_path, stage, lora, bucket):
     proc = subprocess.run(
