@@ -24,9 +24,11 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T), 1 on real tokens
     labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt and padding
     position_ids: torch.Tensor | None = None  # (B, T) for packed rows: restarting at 0 for each sample
+    shifted: bool = False  # labels already aligned with each position's prediction (a sequence-parallel shard)
 
     def to(self, device) -> Batch:
-        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in vars(self).values()))
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in vars(self).items()}
+        return Batch(**moved)
 
     @property
     def model_mask(self) -> torch.Tensor | None:
@@ -47,8 +49,8 @@ class Batch:
 
     @property
     def num_targets(self) -> int:
-        """Tokens the loss covers (labels shifted by one, IGNORE_INDEX skipped)."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        """Tokens the loss covers (labels shifted by one, unless `shifted` already; IGNORE_INDEX skipped)."""
+        return int(((self.labels if self.shifted else self.labels[:, 1:]) != IGNORE_INDEX).sum())
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

@@ -136,8 +136,11 @@ def _ds_arch_list_ok(value: str) -> bool:
     return bool(entries) and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int) -> DeepSpeedEngine:
-    """`deepspeed.initialize` with decay/no-decay groups and our warm-up + decay schedule. Returns the engine."""
+def initialize(
+    model: torch.nn.Module, ds_config: dict, optim: OptimConfig, total_steps: int, mpu: Any = None
+) -> DeepSpeedEngine:
+    """`deepspeed.initialize` with decay/no-decay groups and our warm-up + decay schedule (`mpu`: the sequence-parallel
+    groups, `engine.sequence.setup`). Returns the engine."""
     import deepspeed
 
     if torch.cuda.is_available() and not _ds_arch_list_ok(os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
@@ -156,10 +159,11 @@ def initialize(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, tota
         model_parameters=param_groups(model, optim.weight_decay),
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        mpu=mpu,
     )
     if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
         _keep_grad_norm(engine)
-    if engine.dp_world_size == 1 and not engine.zero_optimization():
+    if getattr(engine, "seq_dp_world_size", engine.dp_world_size) == 1 and not engine.zero_optimization():
         # Nothing to average over one rank, yet stage 0's all-reduce flattens every gradient into a bucket and back:
         # two copies of all gradients a step, and the bucket's memory.
         engine.enable_backward_allreduce = False
@@ -210,7 +214,9 @@ def frozen_engine(model: torch.nn.Module, ds_config: dict, offload: bool) -> Dee
 
 
 def stage_ds_config(cfg: Any, optim: OptimConfig | None = None) -> dict[str, Any]:
-    """`build_ds_config` for a stage config at this run's world size (`optim` overrides cfg.optim, e.g. a critic's)."""
+    """`build_ds_config` for a stage config at this run's data-parallel size (world / sequence-parallel size;
+    `optim` overrides cfg.optim, e.g. a critic's)."""
     from distributed_pt import dist
 
-    return build_ds_config(cfg.deepspeed, cfg.train, optim or cfg.optim, cfg.model.dtype, dist.world_size())
+    replicas = dist.world_size() // cfg.deepspeed.sequence_parallel_size
+    return build_ds_config(cfg.deepspeed, cfg.train, optim or cfg.optim, cfg.model.dtype, replicas)

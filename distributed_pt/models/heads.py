@@ -77,10 +77,12 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits (B, T, V) against unshifted labels (B, T) over the non-ignored targets (in float32):
-    their mean (0, not NaN, when every target is ignored) or, with reduction="sum", their sum."""
-    targets = shift_labels(labels).reshape(-1)
+def masked_token_mean(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", shifted: bool = False
+) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against labels (B, T; unshifted, or `shifted` already) over the non-ignored
+    targets (in float32): their mean (0, not NaN, when every target is ignored) or, with reduction="sum", their sum."""
+    targets = (labels if shifted else shift_labels(labels)).reshape(-1)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -88,20 +90,28 @@ def masked_token_mean(logits: torch.Tensor, labels: torch.Tensor, reduction: str
 
 
 def lm_head_loss(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, fused: bool, reduction: str = "mean"
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    fused: bool,
+    reduction: str = "mean",
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy over the labelled tokens (labels (B, T), IGNORE_INDEX elsewhere): their mean, or
     their sum with reduction="sum".
 
     fused: the Triton LM-head kernel, no logits in memory (head must be a plain ``nn.Linear``).
+    shifted: `labels` already hold each position's target (a sequence-parallel shard, whose last position predicts the
+    next shard's first token).
     """
     if fused:
         from distributed_pt_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
-            hidden, head.weight, shift_labels(labels), bias=head.bias, ignore_index=IGNORE_INDEX, reduction=reduction
-        )
-    return masked_token_mean(head(hidden), labels, reduction)
+            hidden, head.weight, labels if shifted else shift_labels(labels), bias=head.bias,
+            ignore_index=IGNORE_INDEX, reduction=reduction,
+        )  # fmt: skip
+    return masked_token_mean(head(hidden), labels, reduction, shifted)
 
 
 def lm_head_logprobs(
@@ -134,7 +144,7 @@ def score_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
 def lm_loss(model: nn.Module, batch: Batch, fused: bool, reduction: str = "mean") -> torch.Tensor:
     """The SFT loss of a (padded or packed) batch: cross-entropy over its response tokens, their mean or sum (see
     `lm_head_loss`)."""
-    head = partial(lm_head_loss, labels=batch.labels, fused=fused, reduction=reduction)
+    head = partial(lm_head_loss, labels=batch.labels, fused=fused, reduction=reduction, shifted=batch.shifted)
     return model(batch.input_ids, batch.model_mask, head=head, position_ids=batch.position_ids)
 
 

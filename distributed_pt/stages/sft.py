@@ -20,6 +20,7 @@ from distributed_pt.data.collate import Examples, ShardedBatches, collate
 from distributed_pt.data.io import Row
 from distributed_pt.data.packing import PackedDataset, collate_packed
 from distributed_pt.data.sft import load_sft_data
+from distributed_pt.engine import sequence
 from distributed_pt.engine.deepspeed import initialize, stage_ds_config
 from distributed_pt.engine.generation import exact_match, greedy_answers
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
@@ -46,9 +47,10 @@ def main(cfg: SFTConfig) -> dict:
     fused = use_fused_loss(cfg.loss.fused, model)
     dist.print0(f"loss: {'fused LM-head cross-entropy (Triton)' if fused else 'logits + torch cross-entropy'}")
 
-    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    mpu = sequence.setup(model, cfg)  # None without sequence parallelism
+    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
-    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps)
+    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)
 
     run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))
     before, after = run.train(
@@ -64,20 +66,24 @@ def train(
     run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: ShardedBatches, pad_id: int, fused: bool
 ) -> None:
     """The loss of a step is the sum of its token losses over the response tokens of the whole step (every micro
-    batch, every rank): the update does not depend on how the step's examples are split into micro batches, ranks or
-    packed rows."""
+    batch, every rank): the update does not depend on how the step's examples are split into micro batches, ranks,
+    packed rows or sequence-parallel shards (`engine.sequence`)."""
     micro_batches = batches.iterate(run.state.micro_step)
     make_batch = collate_packed if isinstance(train_set, PackedDataset) else collate
     timer, world = StepTimer(engine), dist.world_size()
+    sp = run.cfg.deepspeed.sequence_parallel_size
+    replicas = world // sp  # DeepSpeed averages gradients over the data-parallel replicas, sums over shards
     while run.training():
         step = [next(micro_batches) for _ in range(run.cfg.train.gradient_accumulation_steps)]
         micro = [make_batch(train_set.examples(indices), pad_id) for _, indices in step]
+        if sp > 1:
+            micro = [sequence.shard(b, sp, dist.rank() % sp, pad_id) for b in micro]
         targets = dist.all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in micro))])).item()
         for (run.state.micro_step, _), batch in zip(step, micro, strict=True):
             batch = batch.to(engine.device)
             loss = lm_loss(engine, batch, fused, reduction="sum") / max(targets, 1.0)  # this batch's share
             check_finite(loss, run.state.step + 1)
-            engine.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages gradients over the ranks
+            engine.backward(loss * replicas, scale_wrt_gas=False)
             engine.step()
             timer.add(batch.num_tokens, batch.num_sequences, batch.input_ids.numel(), loss=loss * len(step) * world)
         run.end_step(timer.flush)  # loss: the mean over micro batches and ranks of `loss`, i.e. the step's token mean
