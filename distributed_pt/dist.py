@@ -65,7 +65,15 @@ def destroy(barrier: bool = True) -> None:
         while _BEFORE_DESTROY:
             _BEFORE_DESTROY.pop()()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            import deepspeed.comm as ds_comm
+
+            # Through DeepSpeed when it made the group: it then drops its own references to the subgroups it made
+            # (sequence-parallel ones among them), which would otherwise be destroyed at interpreter exit and can
+            # abort the process ("terminate called without an active exception").
+            if getattr(ds_comm, "cdb", None) is not None:
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
         buffer.unlink(missing_ok=True)
 
 

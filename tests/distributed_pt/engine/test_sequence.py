@@ -1,5 +1,5 @@
 """Ulysses sequence parallelism: the SFT stage on 2 ranks with sequence_parallel_size 2 trains exactly as on 1 rank
-(same batches, fp32): every step's loss and the eval loss agree, under ZeRO-3 and with LoRA; shards carry
+(same batches, fp32): every step's loss and the eval loss agree (LoRA, ZeRO-2); shards carry
 shifted targets; bad settings are errors naming the key."""
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ STEPS = ["train.max_steps=4", "train.eval_every=4", "eval.num_generate=0", "chec
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [["deepspeed.zero_stage=3"], ["deepspeed.zero_stage=2", "lora.enabled=true", "optim.lr=1e-2"]],
-    ids=["zero3", "zero2-lora"],  # ZeRO-0 and plain ZeRO-2 pass too (checked by hand: ~1.5 min of suite each)
+    [["deepspeed.zero_stage=2", "lora.enabled=true", "optim.lr=1e-2"]],
+    ids=["zero2-lora"],  # ZeRO-0, ZeRO-2 and ZeRO-3 pass too (checked by hand: ~1.5 min of suite each)
 )
 def test_two_shards_train_exactly_as_one_rank(tmp_path, extra):
     one, two = tmp_path / "sp1", tmp_path / "sp2"
