@@ -67,6 +67,8 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",
         }
         self.sleeps = torch.cuda.is_available() and r.sleep
+        # Level 2 drops the weights too: fine when every weight is pushed again (full fine-tuning); LoRA keeps them.
+        self.sleep_level = 2 if all(p.requires_grad for p in actor.module.parameters()) else 1
         if torch.cuda.is_available():
             kwargs |= {"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": self.sleeps}
         else:
@@ -167,9 +169,7 @@ class VLLMEngine:
 
     def _sleep(self) -> None:
         if self.sleeps and not self.asleep:
-            # Level 2 drops the weights too: fine when every weight is pushed again (full fine-tuning).
-            full = all(p.requires_grad for p in self.actor.module.parameters())
-            self.llm.sleep(level=2 if full else 1)
+            self.llm.sleep(level=self.sleep_level)
             self.asleep = True
 
     def _wake(self) -> None:
