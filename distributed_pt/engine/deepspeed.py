@@ -205,7 +205,8 @@ def frozen_engine(model: torch.nn.Module, ds_config: dict, offload: bool) -> Dee
     zero = {"stage": 3 if ds_config["zero_optimization"].get("stage", 0) == 3 or offload else 0}
     if offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16")
+    # no train_batch_size: DeepSpeed derives it over all ranks (a frozen engine has no sequence-parallel groups)
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
     engine, *_ = deepspeed.initialize(
         model=model, config={**{k: ds_config[k] for k in keys}, "zero_optimization": zero}
     )

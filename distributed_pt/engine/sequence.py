@@ -1,12 +1,16 @@
 """Ulysses sequence parallelism through DeepSpeed (ALST, `deepspeed.runtime.sequence_parallel.ulysses_sp`): each
 sequence is split over `deepspeed.sequence_parallel_size` (SP) consecutive ranks. Attention runs on whole sequences
 for a share of the heads (DeepSpeed's `UlyssesSPAttentionHF`, two all-to-alls a layer); everything else runs on each
-rank's share of the tokens. The SFT stage uses it so far.
+rank's share of the tokens. SFT, DPO and the reward model use it.
 
-Every rank of a sequence-parallel group trains on the same batch (the data-parallel rank is rank // SP). Labels are
-shifted before the sequence is cut, so a shard's last position still predicts the next shard's first token; each
-rank's loss is its shard's token-loss sum over the step's token count (all-reduced), and DeepSpeed sums gradients over
-the group and averages them over the data-parallel replicas.
+Every rank of a sequence-parallel group trains on the same batch (the data-parallel rank is rank // SP). Targets are
+shifted before the sequence is cut, so a shard's last position still predicts the next shard's first token. A loss
+that is a sum over tokens (SFT) is each rank's shard's sum; a loss of whole-sequence quantities (DPO's sequence
+log-probs, a reward model's last-token score) sums each rank's part over the group (`sum_over_shards`), every rank
+then holding the same loss, whose gradient reaches each rank's own tokens only. DeepSpeed sums the gradients over the
+group and averages them over the data-parallel replicas. Ulysses drops the attention mask (attention is causal over
+the position ids), so batches must be right-padded; in eval mode (`disable_in_eval`) attention is the model's own and
+the stages run whole sequences.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distributed_pt import dist
 from distributed_pt.config import ConfigError
 from distributed_pt.data.collate import Batch
 from distributed_pt.data.sft import IGNORE_INDEX
-from distributed_pt.models.heads import shift_labels
+from distributed_pt.models.heads import last_token_index, token_scores
+
+_GROUP: Any = None  # this rank's sequence-parallel process group (set by `setup`)
 
 
 def data_parallel(cfg: Any) -> tuple[int, int]:
@@ -31,9 +36,10 @@ def data_parallel(cfg: Any) -> tuple[int, int]:
     return dist.rank() // sp, dist.world_size() // sp
 
 
-def setup(model: nn.Module, cfg: Any) -> Any | None:
-    """Check the settings and route the model's attention through Ulysses (collective: makes the process groups).
-    Returns the groups object (`mpu`) `deepspeed.initialize` takes, or None without sequence parallelism."""
+def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
+    """Check the settings and route the model's attention through Ulysses (collective: makes the process groups);
+    `rows`: sequences per training example (a preference pair's 2). Returns the groups object (`mpu`)
+    `deepspeed.initialize` takes, or None without sequence parallelism."""
     sp, world = cfg.deepspeed.sequence_parallel_size, dist.world_size()
     if sp < 1:
         raise ConfigError(f"deepspeed.sequence_parallel_size must be >= 1, got {sp}")
@@ -54,20 +60,59 @@ def setup(model: nn.Module, cfg: Any) -> Any | None:
             raise ConfigError(f"deepspeed.sequence_parallel_size={sp}: {why}")
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    return UlyssesSPAttentionHF.register_with_transformers(
-        model, attn, sp, cfg.train.micro_batch_size, seq_length_is_variable=True, disable_in_eval=True
+    global _GROUP
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model, attn, sp, rows * cfg.train.micro_batch_size, seq_length_is_variable=True, disable_in_eval=True
     )
+    _GROUP = mpu.get_sequence_parallel_group()
+    return mpu
+
+
+def split(x: torch.Tensor, sp: int, sp_rank: int, fill: float | bool, shift: bool = False) -> torch.Tensor:
+    """This rank's share of `x` (B, T, ...) along the sequence, T first padded with `fill` up to a multiple of SP.
+    `shift`: of what each position predicts, x[:, t + 1] (targets shifted before the cut)."""
+    if shift:
+        x = x[:, 1:]
+    extra = -(x.size(1) + shift) % sp + shift
+    if extra:
+        x = torch.cat([x, x.new_full((x.size(0), extra, *x.shape[2:]), fill)], 1)
+    width = x.size(1) // sp
+    return x[:, sp_rank * width : (sp_rank + 1) * width].contiguous()
+
+
+def positions(ids: torch.Tensor, sp: int, sp_rank: int) -> torch.Tensor:
+    """This rank's share of the position ids 0, 1, ... of right-padded rows `ids` (B, T), padding included."""
+    width = -(-ids.size(1) // sp)
+    return torch.arange(sp_rank * width, (sp_rank + 1) * width, device=ids.device).expand(ids.size(0), -1)
+
+
+def sum_over_shards(local: torch.Tensor) -> torch.Tensor:
+    """The sequence-parallel group's sum of each rank's part (e.g. per-sequence log-prob sums over its shard): the
+    same value on every rank of the group, its gradient flowing into this rank's part only."""
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total, group=_GROUP)
+    return local + (total - local.detach())
+
+
+def sequence_rewards(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, sp: int):
+    """(B,) scalar-head scores at each right-padded row's last real token (`models.heads.sequence_rewards`), this rank
+    computing its shard's scores; the rank holding a row's last token gives its score to the group."""
+    r = dist.rank() % sp
+    scores = token_scores(model, split(ids, sp, r, pad_id), split(attention_mask, sp, r, 0), positions(ids, sp, r))
+    at = last_token_index(attention_mask) - r * scores.size(1)
+    mine = (at >= 0) & (at < scores.size(1))
+    return sum_over_shards(scores.gather(1, at.clamp(0, scores.size(1) - 1)[:, None]).squeeze(1) * mine)
 
 
 def shard(batch: Batch, sp: int, sp_rank: int, pad_id: int) -> Batch:
     """This rank's share of a (right-padded) batch's sequence: tokens, their positions and their already-shifted
     targets, the length padded up to a multiple of SP first."""
-    extra = -batch.input_ids.size(1) % sp
-    ids = F.pad(batch.input_ids, (0, extra), value=pad_id)
-    mask = F.pad(batch.attention_mask, (0, extra), value=0)
-    targets = F.pad(shift_labels(batch.labels), (0, extra), value=IGNORE_INDEX)
-    positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
-    width = ids.size(1) // sp
-    cut = slice(sp_rank * width, (sp_rank + 1) * width)
-    return replace(batch, input_ids=ids[:, cut], attention_mask=mask[:, cut], labels=targets[:, cut],
-                   position_ids=positions[:, cut].contiguous(), shifted=True)  # fmt: skip
+    ids = batch.input_ids
+    return replace(
+        batch,
+        input_ids=split(ids, sp, sp_rank, pad_id),
+        attention_mask=split(batch.attention_mask, sp, sp_rank, 0),
+        labels=split(batch.labels, sp, sp_rank, IGNORE_INDEX, shift=True),
+        position_ids=positions(ids, sp, sp_rank),
+        shifted=True,
+    )

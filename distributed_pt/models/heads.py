@@ -115,21 +115,29 @@ def lm_head_loss(
 
 
 def lm_head_logprobs(
-    hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor, temperature: float, fused: bool
+    hidden: torch.Tensor,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float,
+    fused: bool,
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_{t+1} | x_{<=t}) and the policy's entropy at each position t, both (B, T-1) float32, from logits
-    divided by `temperature` (the distribution the tokens were sampled from)."""
+    divided by `temperature` (the distribution the tokens were sampled from). `shifted`: `input_ids` already hold
+    each position's next token (a sequence-parallel shard, whose last position predicts the next shard's first
+    token); then (B, T)."""
+    targets = input_ids if shifted else F.pad(input_ids[:, 1:], (0, 1), value=0)
     if fused:
         from distributed_pt_kernels.fused_linear_logprobs import fused_linear_logprobs
 
-        targets = F.pad(input_ids[:, 1:], (0, 1), value=0)
         logp, entropy = fused_linear_logprobs(
             hidden, head.weight, targets, bias=head.bias, temperature=temperature, return_entropy=True
         )
-        return logp[:, :-1], entropy[:, :-1]
-    logp_all = F.log_softmax(head(hidden)[:, :-1].float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    else:
+        logp_all = F.log_softmax(head(hidden).float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return (logp, entropy) if shifted else (logp[:, :-1], entropy[:, :-1])
 
 
 def score_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:

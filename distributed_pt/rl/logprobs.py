@@ -20,11 +20,14 @@ def token_logprobs(
     temperature: float,
     fused: bool,
     position_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_{t+1} | x_{<=t}) and entropy at each position t, (B, T-1) float32, of a Backbone (or its engine);
     `fused`: from the LM-head kernel, without full logits. Packed rows: no attention mask, `position_ids` restarting
-    at each sample."""
-    head = partial(lm_head_logprobs, input_ids=input_ids, temperature=temperature, fused=fused)
+    at each sample. `targets`: each position's next token given (a sequence-parallel shard); then (B, T)."""
+    shifted = targets is not None
+    head = partial(lm_head_logprobs, input_ids=targets if shifted else input_ids, temperature=temperature,
+                   fused=fused, shifted=shifted)  # fmt: skip
     return model(input_ids, attention_mask, head=head, position_ids=position_ids)
 
 
@@ -45,14 +48,15 @@ def reference_logprobs(
 
 
 def segment_sums(
-    values: torch.Tensor, response: torch.Tensor, segment: torch.Tensor, num_segments: int
+    values: torch.Tensor, response: torch.Tensor, segment: torch.Tensor, num_segments: int, shifted: bool = False
 ) -> torch.Tensor:
     """(num_segments,) float32 sums of per-position values (R, T-1) (position t scores token t+1) over the response
     tokens (response (R, T), unshifted) of each sequence (segment (R, T): its index, padded rows or packed samples
-    alike; see `data.preference.collate_dpo_pairs`)."""
-    keep = response[:, 1:]
+    alike; see `data.preference.collate_dpo_pairs`). `shifted`: values, response and segment all (R, W) and aligned
+    with the scored token already (a sequence-parallel shard)."""
+    keep, segment = (response, segment) if shifted else (response[:, 1:], segment[:, 1:])
     out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
-    return out.index_add(0, segment[:, 1:][keep], values[keep].float())
+    return out.index_add(0, segment[keep], values[keep].float())
 
 
 @contextmanager

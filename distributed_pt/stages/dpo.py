@@ -31,6 +31,7 @@ from distributed_pt.data.dataset import TokenizedDataset
 from distributed_pt.data.io import read_rows
 from distributed_pt.data.packing import PackedDataset, collate_packed_dpo
 from distributed_pt.data.preference import collate_dpo_pairs, load_preference_data
+from distributed_pt.engine import sequence
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.generation import exact_match_by_task, greedy_answers
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
@@ -64,9 +65,7 @@ class Policy:
         `split`, in the order `collate_*` numbers them), its statistics, real tokens and token slots."""
         dpo = self.cfg.dpo
         batch, response, segment, n = pair_batch(items, self.pad_id, self.engine.device)
-        logp = token_logprobs(self.engine, batch.input_ids, batch.model_mask, 1.0, self.fused, batch.position_ids)[0]
-        logps = segment_sums(logp, response, segment, 2 * n)
-        lengths = segment_sums(torch.ones_like(logp), response, segment, 2 * n)
+        logps, lengths = self.sequence_logps(batch, response, segment, 2 * n)
         ref = None if dpo.loss_type == "simpo" else self.reference_logps(batch, response, segment, split, indices)
         chosen, rejected = logps.chunk(2)
         loss, stats = dpo_loss(
@@ -78,6 +77,27 @@ class Policy:
         if dpo.sft_coef:
             loss = loss + dpo.sft_coef * nll
         return loss, stats, batch.num_tokens, batch.input_ids.numel()
+
+    def sequence_logps(
+        self, batch: Batch, response: torch.Tensor, segment: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) the policy's sequence log-probs and response lengths. Training with sequence parallelism: each rank
+        sums over its shard of the sequences and the group adds the parts (`engine.sequence`)."""
+        sp = self.cfg.deepspeed.sequence_parallel_size
+        if sp == 1 or not self.engine.module.training:  # evaluation runs whole sequences
+            logp = token_logprobs(self.engine, batch.input_ids, batch.model_mask, 1.0, self.fused,
+                                  batch.position_ids)[0]  # fmt: skip
+            return segment_sums(logp, response, segment, n), segment_sums(torch.ones_like(logp), response, segment, n)
+        ids, r = batch.input_ids, dist.rank() % sp
+
+        def cut(x: torch.Tensor, fill: float | bool, shift: bool = False) -> torch.Tensor:
+            return sequence.split(x, sp, r, fill, shift)
+
+        logp = token_logprobs(self.engine, cut(ids, self.pad_id), cut(batch.attention_mask, 0), 1.0, self.fused,
+                              sequence.positions(ids, sp, r), cut(ids, 0, shift=True))[0]  # fmt: skip
+        keep, seg = cut(response, False, shift=True), cut(segment, 0, shift=True)
+        sums = [segment_sums(v, keep, seg, n, shifted=True) for v in (logp, torch.ones_like(logp))]
+        return sequence.sum_over_shards(sums[0]), sequence.sum_over_shards(sums[1]).detach()
 
     @torch.no_grad()
     def reference_logps(
@@ -121,9 +141,10 @@ def main(cfg: DPOConfig) -> dict:
         reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=dpo.offload_reference)
     dist.print0(f"reference: {reference_kind(cfg)}")
 
-    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    mpu = sequence.setup(model, cfg, rows=2)  # None without sequence parallelism
+    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
-    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps)
+    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)
     policy = Policy(engine, reference, None, fused, tokenizer.pad_token_id, cfg)
     if reference_kind(cfg) == "precomputed":  # before a checkpoint is loaded: the engine still holds the start
         policy.tables = {split: precompute(policy, data) for split, data in (("train", pairs), ("eval", eval_set))}

@@ -19,6 +19,7 @@ from distributed_pt.config import RMConfig
 from distributed_pt.data.collate import Batch, Examples, ShardedBatches
 from distributed_pt.data.packing import PackedDataset, collate_packed_pairs
 from distributed_pt.data.preference import collate_pairs, load_preference_data
+from distributed_pt.engine import sequence
 from distributed_pt.engine.deepspeed import initialize, stage_ds_config
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
 from distributed_pt.engine.metrics import StepTimer
@@ -45,9 +46,10 @@ def main(cfg: RMConfig) -> dict:
     model = load_reward_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing)
 
-    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
+    mpu = sequence.setup(model, cfg, rows=2)  # None without sequence parallelism
+    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
-    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps)
+    engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)
 
     run = Run(cfg, engine, total_steps, fingerprint(tokenizer, cfg.data.train_files))
     before, after = run.train(
@@ -68,7 +70,8 @@ def train(run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: Shard
     while run.training():
         for _ in range(cfg.train.gradient_accumulation_steps):
             run.state.micro_step, indices = next(micro_batches)
-            chosen, rejected, margin, batch = pair_rewards(engine, train_set.examples(indices), pad_id)
+            items = train_set.examples(indices)
+            chosen, rejected, margin, batch = pair_rewards(engine, items, pad_id, cfg.deepspeed.sequence_parallel_size)
             margin = margin.to(engine.device) if cfg.reward.use_margin else None
             loss = pairwise_loss(chosen, rejected, margin, cfg.reward.center_coef)
             check_finite(loss, run.state.step + 1)
@@ -80,10 +83,10 @@ def train(run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: Shard
 
 
 def pair_rewards(
-    engine: DeepSpeedEngine, items: list, pad_id: int
+    engine: DeepSpeedEngine, items: list, pad_id: int, sp: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Batch]:
     """Rewards of a micro batch: (chosen (P,), rejected (P,), margin (P,), the collated batch). `items` are pairs,
-    or packed rows of pairs (lists), whose rewards are read at each side's last token."""
+    or packed rows of pairs (lists), whose rewards are read at each side's last token; `sp`: sequence parallelism."""
     if items and isinstance(items[0], list):
         batch, chosen_at, rejected_at, margin = collate_packed_pairs(items, pad_id)
         b = batch.to(engine.device)
@@ -91,7 +94,11 @@ def pair_rewards(
         chosen, rejected = (scores[at[:, 0], at[:, 1]] for at in (chosen_at, rejected_at))
         return chosen, rejected, margin, batch
     ids, mask, margin = collate_pairs(items, pad_id)
-    chosen, rejected = sequence_rewards(engine, ids.to(engine.device), mask.to(engine.device)).chunk(2)
+    on = ids.to(engine.device), mask.to(engine.device)
+    if sp > 1 and engine.module.training:  # evaluation runs whole sequences (DeepSpeed's eval() sets module's mode)
+        chosen, rejected = sequence.sequence_rewards(engine, *on, pad_id, sp).chunk(2)
+    else:
+        chosen, rejected = sequence_rewards(engine, *on).chunk(2)
     return chosen, rejected, margin, Batch(ids, mask, ids)
 
 

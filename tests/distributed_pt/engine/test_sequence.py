@@ -1,6 +1,6 @@
-"""Ulysses sequence parallelism: the SFT stage on 2 ranks with sequence_parallel_size 2 trains exactly as on 1 rank
-(same batches, fp32): every step's loss and the eval loss agree (LoRA, ZeRO-2); shards carry
-shifted targets; bad settings are errors naming the key."""
+"""Ulysses sequence parallelism: the SFT, DPO and RM stages on 2 ranks with sequence_parallel_size 2 train exactly as
+on 1 rank (same batches, fp32): every step's loss (and the eval loss) agree; shards carry shifted targets; bad
+settings are errors naming the key."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from distributed_pt.config import load_config
 from distributed_pt.data.collate import Batch
-from distributed_pt.engine.sequence import setup, shard
+from distributed_pt.engine.sequence import setup, shard, split
 from distributed_pt.models.heads import shift_labels
-from tests.conftest import ROOT, TINY_SFT, read_metrics, run_launcher, train_losses
+from tests.conftest import DEMO, RM_CONFIG, ROOT, TINY_SFT, read_metrics, run_launcher, train_losses
 
 CONFIG = ROOT / "configs" / "sft_tiny.yaml"
 IGNORE = -100
@@ -27,6 +27,9 @@ def test_shards_cover_the_sequence_with_shifted_targets():
     # position 3 (token 4, shard 0's last) predicts token 5, the first of shard 1
     assert torch.cat([a.labels, b.labels], 1).tolist() == [shift_labels(labels).tolist()[0] + [IGNORE]]
     assert a.shifted and b.shifted and b.attention_mask.tolist() == [[1, 1, 1, 0]]
+    # any per-position tensor, shifted or not, is cut the same way
+    assert [split(ids, 2, r, 0, shift=True).tolist() for r in (0, 1)] == [[[2, 3, 4, 5]], [[6, 7, 0, 0]]]
+    assert [split(ids[:, :6], 3, r, -1).tolist() for r in (0, 1, 2)] == [[[1, 2]], [[3, 4]], [[5, 6]]]
 
 
 @pytest.mark.parametrize(
@@ -70,3 +73,30 @@ def test_two_shards_train_exactly_as_one_rank(tmp_path, extra):
     assert len(set(a.values())) > 1  # the steps changed the model: later losses test the gradients
     eval_a, eval_b = ([m for m in read_metrics(d) if "eval/loss" in m][-1] for d in (one, two))
     assert eval_b["eval/loss"] == pytest.approx(eval_a["eval/loss"], rel=1e-5)
+
+
+def _same_steps(one, two, steps: int) -> None:
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+    assert len({round(v, 6) for v in a.values()}) > 1  # the steps changed the model: later losses test the gradients
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_dpo_and_rm_train_exactly_as_one_rank(tmp_path, sft_zero2_run, stage):
+    """DPO's sequence log-probs (policy on shards, the frozen reference on whole sequences) and the reward model's
+    last-token scores are assembled over the shards: the same losses as one rank."""
+    config = ROOT / "configs" / f"{stage}_tiny.yaml" if stage == "dpo" else RM_CONFIG
+    common = [
+        f"model.path={sft_zero2_run / 'final'}", f"data.train_files=[{DEMO / 'pref_train.jsonl'}]",
+        f"data.eval_files=[{DEMO / 'pref_eval.jsonl'}]", "train.max_steps=3", "train.micro_batch_size=8",
+        "train.log_every=1", "train.eval_every=0", "checkpoint.save_every=0", "checkpoint.export_hf=false",
+        "optim.lr=2e-3", "optim.warmup_steps=0", "deepspeed.zero_stage=2", "logging.wandb_mode=disabled",
+        "logging.progress_bar=false", *(["eval.num_generate=0"] if stage == "dpo" else []),
+    ]  # fmt: skip
+    one, two = tmp_path / "sp1", tmp_path / "sp2"
+    run_launcher(config, [*common, f"output_dir={one}"], nproc=1)
+    run_launcher(config, [*common, f"output_dir={two}", "deepspeed.sequence_parallel_size=2"])
+    _same_steps(one, two, 3)
