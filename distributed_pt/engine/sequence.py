@@ -6,16 +6,18 @@ rank's share of the tokens. SFT, DPO and the reward model use it.
 Every rank of a sequence-parallel group trains on the same batch (the data-parallel rank is rank // SP). Targets are
 shifted before the sequence is cut, so a shard's last position still predicts the next shard's first token. A loss
 that is a sum over tokens (SFT) is each rank's shard's sum; a loss of whole-sequence quantities (DPO's sequence
-log-probs, a reward model's last-token score) sums each rank's part over the group (`sum_over_shards`), every rank
-then holding the same loss, whose gradient reaches each rank's own tokens only. DeepSpeed sums the gradients over the
-group and averages them over the data-parallel replicas. Ulysses drops the attention mask (attention is causal over
+log-probs, a reward model's last-token score, GRPO's objective) sums each rank's part over the group
+(`sum_over_shards`), every rank then holding the group's loss, of which it backpropagates 1/SP (the sums' backward
+adds the gradients over the group). DeepSpeed sums the gradients over the group and averages them over the
+data-parallel replicas. Ulysses drops the attention mask (attention is causal over
 the position ids), so batches must be right-padded; in eval mode (`disable_in_eval`) attention is the model's own and
 the stages run whole sequences.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,25 +61,85 @@ def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
         if bad:
             raise ConfigError(f"deepspeed.sequence_parallel_size={sp}: {why}")
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     global _GROUP
+    own = ALL_ATTENTION_FUNCTIONS[attn]
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model, attn, sp, rows * cfg.train.micro_batch_size, seq_length_is_variable=True, disable_in_eval=True
     )
+    ulysses = ALL_ATTENTION_FUNCTIONS[attn]
+
+    def attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # Eval mode (evaluation, generation): the model's own attention with its mask. DeepSpeed's wrapper drops the
+        # mask before it looks at the mode, which breaks left-padded generation.
+        return (ulysses if module.training else own)(module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[attn] = attention
     _GROUP = mpu.get_sequence_parallel_group()
     return mpu
 
 
-def split(x: torch.Tensor, sp: int, sp_rank: int, fill: float | bool, shift: bool = False) -> torch.Tensor:
-    """This rank's share of `x` (B, T, ...) along the sequence, T first padded with `fill` up to a multiple of SP.
-    `shift`: of what each position predicts, x[:, t + 1] (targets shifted before the cut)."""
-    if shift:
-        x = x[:, 1:]
-    extra = -(x.size(1) + shift) % sp + shift
+def split(x: torch.Tensor, sp: int, sp_rank: int, fill: float | bool, length: int | None = None) -> torch.Tensor:
+    """This rank's share of `x` (B, L, ...) along the sequence: x padded with `fill` to `length` (default L; a
+    sequence's length for per-position values such as next-token targets, L - 1 of them) rounded up to a multiple of
+    SP, then cut into SP equal parts."""
+    length = length or x.size(1)
+    extra = length + (-length % sp) - x.size(1)
     if extra:
         x = torch.cat([x, x.new_full((x.size(0), extra, *x.shape[2:]), fill)], 1)
     width = x.size(1) // sp
     return x[:, sp_rank * width : (sp_rank + 1) * width].contiguous()
+
+
+@dataclass
+class Shard:
+    """Cuts a right-padded minibatch of sequences (B, T) and its per-position values (B, T - 1: position t scores
+    token t + 1) to this rank's shard; without sequence parallelism (sp 1) it changes nothing."""
+
+    sp: int
+    rank: int
+
+    @classmethod
+    def of(cls, cfg: Any) -> Shard:
+        sp = cfg.deepspeed.sequence_parallel_size
+        return cls(sp, dist.rank() % sp)
+
+    def inputs(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """`rl.logprobs.token_logprobs`' keyword inputs: tokens, mask, positions and each position's next token (the
+        columns added to reach a multiple of SP hold token 0: causal attention never lets them reach a real token)."""
+        if self.sp == 1:
+            return {"input_ids": ids, "attention_mask": attention_mask}
+        return {
+            "input_ids": split(ids, self.sp, self.rank, 0),
+            "attention_mask": split(attention_mask, self.sp, self.rank, 0),
+            "position_ids": positions(ids, self.sp, self.rank),
+            "targets": self(ids[:, 1:], 0),
+        }
+
+    def __call__(self, x: torch.Tensor | None, fill: float | bool = 0) -> torch.Tensor | None:
+        """Per-position values (B, T - 1) → this rank's (B, W); None stays None."""
+        return x if x is None or self.sp == 1 else split(x, self.sp, self.rank, fill, x.size(1) + 1)
+
+    @property
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What sums a quantity over the shards of the sequences (None without sequence parallelism)."""
+        return sum_over_shards if self.sp > 1 else None
+
+
+def gather(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each tensor's rows from every rank of the sequence-parallel group, in rank order, right-padded with zeros
+    along dim 1 to the widest (a GRPO update trains every rank on its group's rollouts)."""
+    parts: list[Any] = [None] * torch.distributed.get_world_size(_GROUP)
+    torch.distributed.all_gather_object(parts, [None if t is None else t.cpu() for t in tensors], group=_GROUP)
+    out = []
+    for i, t in enumerate(tensors):
+        pieces = [p[i] for p in parts]
+        if t is not None and t.dim() > 1:
+            width = max(p.size(1) for p in pieces)
+            pieces = [torch.cat([p, p.new_zeros(p.size(0), width - p.size(1))], 1) for p in pieces]
+        out.append(None if t is None else torch.cat(pieces).to(t.device))
+    return out
 
 
 def positions(ids: torch.Tensor, sp: int, sp_rank: int) -> torch.Tensor:
@@ -88,13 +150,17 @@ def positions(ids: torch.Tensor, sp: int, sp_rank: int) -> torch.Tensor:
 
 def sum_over_shards(local: torch.Tensor) -> torch.Tensor:
     """The sequence-parallel group's sum of each rank's part (e.g. per-sequence log-prob sums over its shard): the
-    same value on every rank of the group, its gradient flowing into this rank's part only."""
-    total = local.detach().clone()
-    torch.distributed.all_reduce(total, group=_GROUP)
-    return local + (total - local.detach())
+    same value on every rank of the group. Differentiable, its backward summing the gradients over the group too, so
+    a loss built from such sums (nested ones included: GSPO's sequence ratio inside a token sum) is the group's
+    loss on every rank, of which each rank backpropagates 1/SP."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(local, group=_GROUP)
 
 
-def sequence_rewards(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, sp: int):
+def sequence_rewards(
+    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, sp: int
+) -> torch.Tensor:
     """(B,) scalar-head scores at each right-padded row's last real token (`models.heads.sequence_rewards`), this rank
     computing its shard's scores; the rank holding a row's last token gives its score to the group."""
     r = dist.rank() % sp
@@ -112,7 +178,7 @@ def shard(batch: Batch, sp: int, sp_rank: int, pad_id: int) -> Batch:
         batch,
         input_ids=split(ids, sp, sp_rank, pad_id),
         attention_mask=split(batch.attention_mask, sp, sp_rank, 0),
-        labels=split(batch.labels, sp, sp_rank, IGNORE_INDEX, shift=True),
+        labels=split(batch.labels[:, 1:], sp, sp_rank, IGNORE_INDEX, ids.size(1)),
         position_ids=positions(ids, sp, sp_rank),
         shifted=True,
     )

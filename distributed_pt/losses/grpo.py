@@ -7,6 +7,7 @@ said in each docstring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,6 +29,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     is_weights: torch.Tensor | None = None,
     level: Literal["token", "sequence", "sequence_token"] = "token",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy objective with separate lower/upper bounds (DAPO clip-higher) and an optional k3 KL penalty.
 
@@ -65,6 +67,9 @@ def grpo_loss(
         max_completion_length: the generation length limit; required by "dr_grpo".
         is_weights: (B, T) importance weights of the policy term (the off-policy correction of rollouts sampled by
             another engine, `rl.offpolicy.truncated_is_weights`); the KL term is not weighted.
+        reduce: with sequence parallelism, the tensors hold this rank's shard of each sequence and `reduce` sums a
+            partial sum over the shards (`engine.sequence.sum_over_shards`): loss and stats are then the whole
+            sequences' on every rank of the group.
 
     Returns:
         The scalar float32 loss (masked positions may hold anything) and python-float stats over completion
@@ -80,18 +85,20 @@ def grpo_loss(
         raise ValueError(f"level must be 'token', 'sequence' or 'sequence_token', got {level!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
+    whole = reduce or (lambda x: x)  # partial sums over tokens → sums over whole sequences
     keep = mask.bool()
     mask = mask.float()  # float32 math: bf16 cannot even count tokens past 256
+    lengths = whole(mask.sum(1))  # (B,)
     if loss_type == "dr_grpo":
         if max_completion_length is None or max_completion_length < 1:
             raise ValueError(f"loss_type 'dr_grpo' needs max_completion_length >= 1, got {max_completion_length}")
-        if mask.sum(1).max() > max_completion_length:
+        if lengths.max() > max_completion_length:
             raise ValueError(f"a completion is longer than max_completion_length={max_completion_length}")
 
     logprobs = logprobs.float()
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(1)  # (B, T) or (B, 1)
     log_ratio = torch.where(keep, logprobs - old_logprobs.float(), 0.0)  # padding never overflows to inf
-    sequence = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1) GSPO's log s
+    sequence = (whole(log_ratio.sum(1)) / lengths.clamp(min=1)).unsqueeze(1)  # (B, 1) GSPO's log s
     if level == "sequence":
         log_ratio = sequence.expand_as(log_ratio)
     elif level == "sequence_token":
@@ -107,26 +114,22 @@ def grpo_loss(
         if beta > 0:
             per_token = per_token + beta * kl
 
-    if loss_type == "grpo":
-        loss = masked_mean(per_token, mask, dim=1).mean()
+    if loss_type == "grpo":  # each sequence's token mean, then the mean over rows
+        loss = (whole((per_token * mask).sum(1)) / lengths.clamp(min=1)).mean()
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (logprobs.shape[0] * max_completion_length)
+        loss = whole((per_token * mask).sum()) / (logprobs.shape[0] * max_completion_length)
     else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = whole((per_token * mask).sum()) / lengths.sum().clamp(min=1)
 
     with torch.no_grad():
         low = (ratio < 1.0 - clip_low) & (adv < 0)
         high = (ratio > 1.0 + clip_high) & (adv > 0)
-        stats = {
-            "clip_low_fraction": masked_mean(low.float(), mask).item(),
-            "clip_high_fraction": masked_mean(high.float(), mask).item(),
-            "clip_fraction": masked_mean((low | high).float(), mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-        }
-        if kl is not None:
-            stats["kl"] = masked_mean(kl, mask).item()
+        names = ["clip_low_fraction", "clip_high_fraction", "clip_fraction", "ratio_mean"] + ["kl"] * (kl is not None)
+        values = [low.float(), high.float(), (low | high).float(), ratio] + [kl] * (kl is not None)
+        sums = whole(torch.stack([(v * mask).sum() for v in values]))  # one all-reduce with sequence parallelism
+        stats = dict(zip(names, (sums / lengths.sum().clamp(min=1)).tolist(), strict=True))
         if level != "token":
             s = sequence.squeeze(1).exp()
             outside = ((s < 1.0 - clip_low) | (s > 1.0 + clip_high)).float()
-            stats["sequence_clip_fraction"] = masked_mean(outside, (mask.sum(1) > 0).float()).item()
+            stats["sequence_clip_fraction"] = masked_mean(outside, (lengths > 0).float()).item()
     return loss, stats

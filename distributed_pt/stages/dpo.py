@@ -88,14 +88,10 @@ class Policy:
             logp = token_logprobs(self.engine, batch.input_ids, batch.model_mask, 1.0, self.fused,
                                   batch.position_ids)[0]  # fmt: skip
             return segment_sums(logp, response, segment, n), segment_sums(torch.ones_like(logp), response, segment, n)
-        ids, r = batch.input_ids, dist.rank() % sp
-
-        def cut(x: torch.Tensor, fill: float | bool, shift: bool = False) -> torch.Tensor:
-            return sequence.split(x, sp, r, fill, shift)
-
-        logp = token_logprobs(self.engine, cut(ids, self.pad_id), cut(batch.attention_mask, 0), 1.0, self.fused,
-                              sequence.positions(ids, sp, r), cut(ids, 0, shift=True))[0]  # fmt: skip
-        keep, seg = cut(response, False, shift=True), cut(segment, 0, shift=True)
+        cut = sequence.Shard.of(self.cfg)
+        inputs = cut.inputs(batch.input_ids, batch.attention_mask)
+        logp = token_logprobs(self.engine, temperature=1.0, fused=self.fused, **inputs)[0]
+        keep, seg = cut(response[:, 1:], False), cut(segment[:, 1:])
         sums = [segment_sums(v, keep, seg, n, shifted=True) for v in (logp, torch.ones_like(logp))]
         return sequence.sum_over_shards(sums[0]), sequence.sum_over_shards(sums[1]).detach()
 
@@ -170,7 +166,7 @@ def train(run: Run, policy: Policy, train_set: Examples, batches: ShardedBatches
                 indices = [i for j in indices for i in train_set.rows[j]]
             loss, stats, tokens, slots = policy.loss(items, "train", indices)
             check_finite(loss, run.state.step + 1)
-            engine.backward(loss)
+            engine.backward(loss / run.cfg.deepspeed.sequence_parallel_size)  # each shard's 1/SP (engine.sequence)
             engine.step()
             timer.add(tokens, 2 * len(indices), slots, loss=loss, **stats)
         run.end_step(timer.flush, postfix=("loss", "rewards/accuracy"))

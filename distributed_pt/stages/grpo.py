@@ -8,13 +8,15 @@ when `grpo.beta` > 0 (with LoRA: the policy with its adapters switched off; else
 of `grpo.rollout_batch_size` prompts per rank × G completions, rewards from `reward.functions`, group-relative
 advantages, then `grpo.num_iterations` passes of clipped-ratio updates in minibatches of `train.micro_batch_size`
 completions (with one pass the rollout's log-probs are the current ones: no extra forward). Rollouts and greedy
-evals come from `rollout.engine` (hf, or a colocated vLLM engine: rl/engines.py). Outputs as for SFT.
+evals come from `rollout.engine` (hf, or a colocated vLLM engine: rl/engines.py). With sequence parallelism the
+ranks of a group update on all their rollouts, each on its shard of every sequence. Outputs as for SFT.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +27,7 @@ from distributed_pt.data.collate import ShardedBatches
 from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt
+from distributed_pt.engine import sequence
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.loop import Run, check_finite, export, fingerprint, start
 from distributed_pt.engine.metrics import peak_memory_gib
@@ -35,7 +38,7 @@ from distributed_pt.models.loading import check_same_tokenizer, load_model, load
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
 from distributed_pt.rl.engines import RolloutEngine, check_rollout_config, rollout_engine, seed_for
 from distributed_pt.rl.groups import Rollout, dynamic_sample, estimate_advantages, overlong_shaped
-from distributed_pt.rl.logprobs import reference_logprobs, token_logprobs
+from distributed_pt.rl.logprobs import evaluating, reference_logprobs, token_logprobs
 from distributed_pt.rl.offpolicy import mismatch_metrics, truncated_is_weights
 from distributed_pt.rl.rewards import RewardFunctions, load_reward_functions
 from distributed_pt.rl.rollout import Samples, rollout_rewards, sample
@@ -89,23 +92,18 @@ def main(cfg: GRPOConfig) -> dict:
     reward, rm_stats = None, {"mean": 0.0, "std": 1.0}
     if grpo.reward_model is not None:
         check_same_tokenizer(tokenizer, grpo.reward_model, "grpo.reward_model")
-        attn = cfg.model.attn_implementation
-        rm = load_reward_model(
-            ModelConfig(
-                path=grpo.reward_model,
-                dtype=cfg.model.dtype,
-                attn_implementation=attn,
-                trust_remote_code=cfg.model.trust_remote_code,
-            ),
-            tokenizer,
-        )
-        reward = frozen_engine(Backbone(rm), stage_ds_config(cfg), offload=False)
+        m = cfg.model
+        rm = ModelConfig(path=grpo.reward_model, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                         trust_remote_code=m.trust_remote_code)  # fmt: skip
+        reward = frozen_engine(Backbone(load_reward_model(rm, tokenizer)), stage_ds_config(cfg), offload=False)
         rm_stats = load_reward_stats(grpo.reward_model) or rm_stats
 
+    mpu = sequence.setup(model, cfg)  # None without sequence parallelism (rollouts are generated as without)
     batches = ShardedBatches(len(prompts), grpo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch)
-    updates = grpo.num_iterations * grpo.rollout_batch_size * grpo.num_generations // cfg.train.micro_batch_size
-    actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps * updates)
+    rows_per_update = grpo.rollout_batch_size * grpo.num_generations * cfg.deepspeed.sequence_parallel_size
+    updates = grpo.num_iterations * rows_per_update // cfg.train.micro_batch_size
+    actor = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps * updates, mpu)
     policy = Policy(actor, reference, fused, reward, rm_stats, functions, rollout_engine(cfg, actor, tokenizer))
 
     run = Run(cfg, actor, total_steps, fingerprint(tokenizer, cfg.data.train_files))
@@ -164,41 +162,42 @@ def update(policy: Policy, s: Samples, total: torch.Tensor, cfg: GRPOConfig, ste
     engine, correction = s.engine_logprobs, cfg.rollout.correction
     kl_in_reward = grpo.advantage_estimator.startswith("reinforce_pp")
     old = ref = offpolicy = None
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(actor):  # whole sequences (eval mode turns sequence parallelism off)
         if grpo.num_iterations > 1 or correction != "none" or (kl_in_reward and grpo.beta > 0):
             old = token_logprobs(actor, seqs, attn, grpo.temperature, policy.fused)[0]
         if grpo.beta > 0:
             ref = reference_logprobs(actor, policy.reference, seqs, attn, grpo.temperature, policy.fused)
     advantages = estimate_advantages(total, mask, old, ref, grpo)
+    cut = sequence.Shard.of(cfg)
+    if cut.sp > 1:  # every rank of a sequence-parallel group trains on the group's rollouts, each on its shard
+        seqs, attn, mask, advantages, old, ref, engine = sequence.gather(seqs, attn, mask, advantages, old, ref, engine)
     token_adv = advantages.dim() == 2
     beta = 0.0 if kl_in_reward else grpo.beta
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    totals: dict[str, float] = {}
+    totals: Counter[str] = Counter()
     n = 0
     for _ in range(grpo.num_iterations):
         for rows in torch.randperm(seqs.size(0), generator=g).split(cfg.train.micro_batch_size):
             rows = rows.to(seqs.device)
             width = int(attn[rows].sum(1).max())  # trim the minibatch to its longest sequence
-            logp, entropy = token_logprobs(actor, seqs[rows, :width], attn[rows, :width], grpo.temperature,
-                                           policy.fused)  # fmt: skip
-            m = mask[rows, : width - 1]
-            old_mb = logp.detach() if old is None else old[rows, : width - 1]
-            ref_mb = None if ref is None else ref[rows, : width - 1]
+            inputs = cut.inputs(seqs[rows, :width], attn[rows, :width])
+            logp, entropy = token_logprobs(actor, temperature=grpo.temperature, fused=policy.fused, **inputs)
+            m, old_mb, ref_mb, engine_mb = (x if x is None else x[rows, : width - 1] for x in (mask, old, ref, engine))
             adv_mb = advantages[rows, : width - 1] if token_adv else advantages[rows]
             is_weights = None
-            if engine is not None:
-                engine_mb = engine[rows, : width - 1]
-                offpolicy = offpolicy or mismatch_metrics(old_mb, engine_mb, m)  # collective, same minibatch index
-                if correction != "none":
-                    is_weights = truncated_is_weights(old_mb, engine_mb, m, correction, cfg.rollout.correction_cap)
-            loss, stats = grpo_loss(logp, old_mb, adv_mb, m, grpo.loss_type, grpo.clip_low, grpo.clip_high, ref_mb,
-                                    beta, grpo.max_new_tokens, is_weights, grpo.importance_sampling_level)  # fmt: skip
+            if engine_mb is not None and correction != "none":  # `old` is computed then; on whole sequences
+                is_weights = truncated_is_weights(old_mb, engine_mb, m, correction, cfg.rollout.correction_cap)
+            m, ref_mb, is_weights, engine_mb = cut(m), cut(ref_mb), cut(is_weights), cut(engine_mb)
+            old_mb = logp.detach() if old_mb is None else cut(old_mb)
+            if engine_mb is not None:  # collective: the same minibatch index on every rank
+                offpolicy = offpolicy or mismatch_metrics(old_mb, engine_mb, m)
+            loss, stats = grpo_loss(logp, old_mb, cut(adv_mb) if token_adv else adv_mb, m, grpo.loss_type,
+                                    grpo.clip_low, grpo.clip_high, ref_mb, beta, grpo.max_new_tokens, is_weights,
+                                    grpo.importance_sampling_level, cut.reduce)  # fmt: skip
             check_finite(loss, step + 1)
-            actor.backward(loss)
+            actor.backward(loss / cut.sp)  # each shard's 1/SP (engine.sequence)
             actor.step()
-            stats |= {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), m).item()}
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
+            totals.update(stats | {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), m).item()})
             n += 1
     adv_stats = advantages if token_adv else advantages.unsqueeze(1).expand_as(mask)
     totals_mean = {k: v / n for k, v in totals.items()}

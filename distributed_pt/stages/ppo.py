@@ -128,6 +128,8 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
     if ppo.critic_warmup_steps < 0:
         raise ConfigError(f"ppo.critic_warmup_steps must be >= 0, got {ppo.critic_warmup_steps}")
+    if cfg.deepspeed.sequence_parallel_size != 1:
+        raise ConfigError("deepspeed.sequence_parallel_size: PPO does not shard sequences yet (SFT, DPO, RM, GRPO do)")
     check_rollout_config(cfg)
 
 

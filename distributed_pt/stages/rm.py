@@ -75,7 +75,7 @@ def train(run: Run, engine: DeepSpeedEngine, train_set: Examples, batches: Shard
             margin = margin.to(engine.device) if cfg.reward.use_margin else None
             loss = pairwise_loss(chosen, rejected, margin, cfg.reward.center_coef)
             check_finite(loss, run.state.step + 1)
-            engine.backward(loss)
+            engine.backward(loss / cfg.deepspeed.sequence_parallel_size)  # each shard's 1/SP (engine.sequence)
             engine.step()
             metrics = pairwise_metrics(chosen, rejected)
             timer.add(batch.num_tokens, 2 * len(chosen), batch.input_ids.numel(), loss=loss, **metrics)

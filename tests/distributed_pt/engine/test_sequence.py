@@ -100,3 +100,20 @@ def test_dpo_and_rm_train_exactly_as_one_rank(tmp_path, sft_zero2_run, stage):
     run_launcher(config, [*common, f"output_dir={one}"], nproc=1)
     run_launcher(config, [*common, f"output_dir={two}", "deepspeed.sequence_parallel_size=2"])
     _same_steps(one, two, 3)
+
+
+def test_grpo_update_on_shards_equals_whole_sequences():
+    """2 ranks (torchrun): the GRPO objective's loss, statistics and summed gradients from each rank's shard equal
+    those of whole sequences, for token/sequence/sequence_token ratios, grpo/dr_grpo/dapo aggregation and both
+    advantage shapes; `gather` joins uneven rows (sp_update_worker.py)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import env, free_port
+
+    worker = ROOT / "tests" / "distributed_pt" / "engine" / "sp_update_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(worker), str(ROOT / "configs" / "grpo_tiny.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout

@@ -1,0 +1,74 @@
+"""Run by test_sequence.py on 2 ranks (torchrun): a GRPO update's loss and gradients with sequence parallelism 2
+(each rank its shard of every sequence, Ulysses attention, partial sums over the shards) against the same update on
+whole sequences (eval mode: the model's own attention), for every ratio level, aggregation and advantage shape;
+eval mode untouched by Ulysses (left padding); `gather`'s rows. Exits non-zero on the first mismatch."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distributed_pt import dist
+from distributed_pt.config import load_config
+from distributed_pt.engine import sequence
+from distributed_pt.losses.grpo import grpo_loss
+from distributed_pt.models.heads import Backbone
+from distributed_pt.rl.logprobs import token_logprobs
+
+CONFIG, B, T = sys.argv[1], 4, 23  # 23 tokens: padded to 24 for the 2 shards
+
+
+def grads(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+def main() -> None:
+    dist.init_distributed()
+    cfg = load_config(CONFIG, ["deepspeed.sequence_parallel_size=2", "train.micro_batch_size=4"])
+    torch.manual_seed(0)  # the same model and data on both ranks
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, attn_implementation="sdpa")  # fmt: skip
+    model = Backbone(LlamaForCausalLM(config)).eval()
+    left = torch.randint(1, 97, (3, 9)) * (torch.arange(9) >= torch.tensor([[0], [3], [5]]))  # left-padded prompts
+    plain = token_logprobs(model, left, (left > 0).long(), 1.0, False)[0]
+    sequence.setup(model.module, cfg)
+    # eval mode (generation, evaluation) keeps the model's own attention and its padding mask
+    torch.testing.assert_close(token_logprobs(model, left, (left > 0).long(), 1.0, False)[0], plain, rtol=0, atol=0)
+    lengths = torch.tensor([23, 17, 11, 20])
+    attn = (torch.arange(T) < lengths[:, None]).long()
+    ids = torch.randint(1, 97, (B, T)) * attn
+    mask = ((torch.arange(T - 1) >= 5) & (torch.arange(T - 1) < lengths[:, None] - 1)).float()  # completions
+    noise = 0.3 * torch.randn(B, T - 1)
+    ref = torch.randn(B, T - 1) * 0.1 - 3.0
+    cut = sequence.Shard.of(cfg)
+    for adv in (torch.randn(B), torch.randn(B, T - 1)):
+        for level in ("token", "sequence", "sequence_token"):
+            for loss_type in ("grpo", "dr_grpo", "dapo"):
+                args = (loss_type, 0.2, 0.28)
+                model.eval()  # whole sequences
+                logp = token_logprobs(model, ids, attn, 0.9, False)[0]
+                old = logp.detach() + noise
+                want, want_stats = grpo_loss(logp, old, adv, mask, *args, ref, 0.05, T, None, level)
+                want_grads = grads(want, model)
+                model.train()  # Ulysses: this rank's shard
+                logp = token_logprobs(model, temperature=0.9, fused=False, **cut.inputs(ids, attn))[0]
+                got, got_stats = grpo_loss(logp, cut(old), cut(adv) if adv.dim() == 2 else adv, cut(mask), *args,
+                                           cut(ref), 0.05, T, None, level, cut.reduce)  # fmt: skip
+                got_grads = dist.all_reduce_sum(grads(got / 2, model))  # each rank 1/SP; DeepSpeed sums over shards
+                case = f"rank {dist.rank()} adv {tuple(adv.shape)} {level} {loss_type}"
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"loss: {case}")
+                torch.testing.assert_close(got_grads, want_grads, rtol=1e-4, atol=1e-6, msg=f"grads: {case}")
+                for k, v in want_stats.items():
+                    assert abs(got_stats[k] - v) <= 1e-5 * max(1.0, abs(v)), (case, k, got_stats[k], v)
+                assert want_grads.abs().max() > 0
+    mine = torch.full((1 + dist.rank(), 2 + dist.rank()), float(dist.rank() + 1))  # uneven rows and widths
+    rows, none = sequence.gather(mine, None)
+    assert none is None and rows.tolist() == [[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], rows
+    print(f"rank {dist.rank()}: ok", flush=True)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
