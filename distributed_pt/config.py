@@ -121,8 +121,8 @@ class DeepSpeedConfig:
     # Cap ZeRO's gradient reduce bucket (allocated whole, twice with overlap_comm) at the trainable parameter count:
     # LoRA's few million adapter parameters otherwise reserve 2 x 5e8 16-bit elements (1.9 GiB) per GPU.
     fit_buckets: bool = True
-    # Ulysses sequence parallelism (DeepSpeed's ALST; the SFT stage so far): each sequence is split over this many
-    # consecutive ranks, attention through all-to-all (attention heads divisible by it; sdpa or flash attention).
+    # Ulysses sequence parallelism (DeepSpeed's ALST; SFT, DPO, RM and GRPO's update): each sequence is split over
+    # this many consecutive ranks, attention through all-to-all (attention heads divisible by it; sdpa or flash).
     sequence_parallel_size: int = 1
 
 
@@ -392,6 +392,34 @@ class DPOConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+@dataclass
+class ClassifySection:
+    # feature: the backbone frozen, its pooled features computed once (cached beside the tokenized data) and only the
+    # head trained; lora: adapters (lora.*) + the head; full: every weight. Rows: {"text", "label"} (+ "text_pair").
+    mode: Literal["feature", "lora", "full"] = "full"
+    # Class names in id order (a row's label: a name, or an id into these); empty: the training rows' labels, sorted.
+    labels: list[str] = field(default_factory=list)
+    # The head reads the last non-padding token's hidden state (the EOS each text ends with), or their mean.
+    pooling: Literal["last", "mean"] = "last"
+    # Cross-entropy weight per class, in label order (empty: unweighted).
+    class_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ClassifyConfig:
+    stage: Literal["classify"] = "classify"
+    output_dir: str = "outputs/classify"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    classify: ClassifySection = field(default_factory=ClassifySection)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
 @dataclass(frozen=True)
 class Stage:
     config: type  # the stage's config dataclass
@@ -407,6 +435,7 @@ STAGES: dict[str, Stage] = {
     "ppo": Stage(PPOConfig, "distributed_pt.stages.ppo", "configs/ppo_tiny.yaml"),
     "grpo": Stage(GRPOConfig, "distributed_pt.stages.grpo", "configs/grpo_tiny.yaml"),
     "dpo": Stage(DPOConfig, "distributed_pt.stages.dpo", "configs/dpo_tiny.yaml"),
+    "classify": Stage(ClassifyConfig, "distributed_pt.stages.classify", "configs/classify_tiny.yaml"),
 }
 
 

@@ -324,6 +324,46 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Classification (the classify stage's demo): route a request to its task from its arguments alone.
+
+CLASSIFY_FILES = ("classify_train.jsonl", "classify_eval.jsonl")
+HARD_SORT = 0.3  # share of sort requests over the letters a-d only, as count's are: told apart by repeats and length
+STRAY_RATE = 0.1  # share of requests with one stray token from any task's alphabet (pasted noise)
+LABEL_NOISE = 0.05  # share of training labels replaced by another task's (annotation errors); eval labels are clean
+
+
+def classify_row(rng: random.Random, name: str) -> dict[str, str]:
+    """One labelled request ``{"text", "label"}``: a task's drawn arguments without its name or parameters (``cat dog
+    sun`` -> reverse, ``3 4 + 1 9`` -> add, ``b a c a`` -> count), a ``HARD_SORT`` share of sorts over a-d only, a
+    ``STRAY_RATE`` share with one stray token inserted."""
+    _, args = TASKS[name].draw(rng)
+    if name == "sort" and rng.random() < HARD_SORT:
+        args = rng.sample(COUNT_LETTERS, k=rng.randint(2, 4))
+    if rng.random() < STRAY_RATE:
+        args.insert(rng.randrange(len(args) + 1), rng.choice(WORDS + LETTERS + DIGITS))
+    return {"text": " ".join(args), "label": name}
+
+
+def write_classify_data(out_dir: str | Path, seed: int = 1, n_train: int = 2000, n_eval: int = 400) -> list[Path]:
+    """``classify_{train,eval}.jsonl``: tasks in turn; no training text is an eval text; ``LABEL_NOISE`` of the
+    training labels flipped to another task. Returns the paths written."""
+    rng, names = random.Random(seed), list(TASKS)
+    evals = [classify_row(rng, names[i % len(names)]) for i in range(n_eval)]
+    held, train = {r["text"] for r in evals}, []
+    while len(train) < n_train:
+        row = classify_row(rng, names[len(train) % len(names)])
+        if row["text"] in held:
+            continue
+        if rng.random() < LABEL_NOISE:
+            row["label"] = rng.choice([n for n in names if n != row["label"]])
+        train.append(row)
+    paths = [Path(out_dir) / name for name in CLASSIFY_FILES]
+    for path, rows in zip(paths, (train, evals), strict=True):
+        _write_jsonl(path, rows)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer.
 
 
@@ -381,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=200)
     args = parser.parse_args(argv)
     paths = write_demo_data(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+    paths += write_classify_data(args.out)
     tokenizer = build_tokenizer(demo_texts(args.out), Path(args.out) / "tokenizer")
     for path in paths:
         print(f"{path}  {len(path.read_text().splitlines())} rows")
