@@ -3,6 +3,7 @@ changes that make it fit, and a step-time estimate. Arithmetic and the meta devi
 
     python -m distributed_pt.plan configs/examples/llama3.1-8b-lora-1gpu.yaml --gpus-per-node 1
     python -m distributed_pt.plan my_sft.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB --json
+    python -m distributed_pt.plan configs/examples/llama3.1-8b-longctx-sft-8gpu.yaml --longest   # at each SP size
 
 The memory model and its calibration: `distributed_pt/engine/planner.py`.
 """
@@ -10,12 +11,15 @@ The memory model and its calibration: `distributed_pt/engine/planner.py`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
+from typing import Any
 
 from distributed_pt.config import ConfigError, load_config
-from distributed_pt.engine.planner import GiB, Hardware, make_plan, render, suggest
+from distributed_pt.engine.fitting import length_key, longest_sequence, parallel_sizes, suggest
+from distributed_pt.engine.planner import GiB, Hardware, make_plan, render
 
 
 def parse_memory(text: str) -> float:
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 per GPU (H100 SXM: 989)")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
     parser.add_argument("--json", action="store_true", help="print a machine-readable record instead")
+    parser.add_argument("--longest", action="store_true", help="also the longest sequence that fits (data.max_length; "
+                        "PPO/GRPO: max_new_tokens) at each sequence-parallel size")  # fmt: skip
     args = parser.parse_intermixed_args(argv)
     hw = Hardware(args.gpus_per_node, args.nodes, args.gpu_memory, args.peak_tflops, args.mfu)
     try:
@@ -44,12 +50,24 @@ def main(argv: list[str] | None = None) -> None:
         plan = make_plan(cfg, hw)
         if not plan.fits:
             plan.suggestions = suggest(cfg, hw, plan)
+        longest = {k: longest_at(cfg, hw, k) for k in parallel_sizes(plan)} if args.longest else {}
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if args.json:
-        print(json.dumps({"config": args.config, "overrides": args.overrides, **plan.record()}, indent=1))
-    else:
-        print(render(plan, args.config))
+        extra = {"longest": {"key": length_key(cfg), **longest}} if longest else {}
+        print(json.dumps({"config": args.config, "overrides": args.overrides, **plan.record(), **extra}, indent=1))
+        return
+    print(render(plan, args.config))
+    if longest:
+        print(f"longest {length_key(cfg)} that fits, by deepspeed.sequence_parallel_size: "
+              + ", ".join(f"{k}: {n:,}" if n else f"{k}: none" for k, n in longest.items()))  # fmt: skip
+
+
+def longest_at(cfg: Any, hw: Hardware, sp: int) -> int:
+    """`longest_sequence` with the config's sequence-parallel size set to `sp` (1 for the stages that cannot shard)."""
+    changed = copy.deepcopy(cfg)
+    changed.deepspeed.sequence_parallel_size = sp
+    return longest_sequence(changed, hw)
 
 
 if __name__ == "__main__":

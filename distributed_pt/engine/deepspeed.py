@@ -69,7 +69,7 @@ def build_ds_config(
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if (
-        world_size == 1
+        world_size * ds.sequence_parallel_size == 1  # the ranks ZeRO partitions over
         and ds.zero_stage is None
         and zero.get("stage", 0) in (1, 2)
         and not _offloaded(zero, "offload_optimizer")

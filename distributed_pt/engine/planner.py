@@ -19,6 +19,8 @@ or `model.init_config`, with LoRA applied as training would; everything else is 
   `overlap_comm`), ZeRO-3's reduce bucket and prefetch bucket.
 * **Activations** of a micro batch: with gradient checkpointing each layer's input plus one layer's saved tensors
   during its recompute; without, every layer's saved tensors (``ACT_BYTES`` per token for a Llama-style block).
+  With sequence parallelism (SP) a rank holds 1/SP of each sequence's tokens, plus one layer's all-to-all buffers
+  (its q, k, v and attention output re-laid by heads: ``A2A_BYTES`` per local token).
 * **Logits**: none with the fused LM-head loss; else ``LOGIT_BYTES`` per token per vocabulary entry.
 * **Optimizer step**: fp32 gradients of this rank's partition while the step runs (the peak of full fine-tuning).
 * **Stage extras**: DPO's frozen reference; PPO's critic (a second trained model), reference and reward model;
@@ -32,7 +34,6 @@ seq 2048, 17 cases), which the planner then matches within 15% (tests/distribute
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -46,6 +47,10 @@ GiB = 2**30
 # Bytes kept per token by one Llama-style block for its backward, in 16-bit: 24*hidden + 4*kv_dim + 8*intermediate
 # (norm inputs in fp32, q/k/v, the attention inputs with k/v repeated, its output, the MLP's four intermediates).
 ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 24, 4, 8
+# Ulysses' all-to-all buffers of one layer, 16-bit bytes per local token: q and the output (2 * hidden) and k, v
+# (2 * kv_dim), each once more as the collective's output.
+A2A_HIDDEN, A2A_KV = 4, 4
+SEQUENCE_PARALLEL_STAGES = ("sft", "dpo", "rm", "grpo")
 # Bytes per token per vocabulary entry at the loss when logits are materialised (fitted: H100, bf16).
 LOGIT_BYTES = {0: 4.5, 1: 4.5, 2: 4.5, 3: 10.5}
 # ZeRO-3's gathered-parameter working set beyond its buckets, in bytes (fitted: H100).
@@ -79,6 +84,7 @@ class Arch:
     trainable: int
     layers: int
     hidden: int
+    heads: int
     intermediate: int
     kv_dim: int
     vocab: int
@@ -177,6 +183,7 @@ def arch(model: ModelConfig, lora: Any, world: int, head: str = "lm") -> Arch:
         trainable=trainable,
         layers=text.num_hidden_layers,
         hidden=hidden,
+        heads=heads,
         intermediate=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
         kv_dim=hidden // heads * (getattr(text, "num_key_value_heads", None) or heads),
         vocab=text.vocab_size,
@@ -277,10 +284,12 @@ def buffers(z: ZeroSettings, dtype_bytes: int, trainable: int) -> float:
     return dtype_bytes * bucket * (2 if z.overlap_comm else 1)
 
 
-def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int) -> float:
+def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int, sp: int = 1) -> float:
+    """Bytes a rank keeps for the backward of a micro batch of `tokens` (this rank's: 1/SP of the sequences')."""
+    a2a = 0.0 if sp == 1 else tokens * (A2A_HIDDEN * a.hidden + A2A_KV * a.kv_dim) * dtype_bytes / 2
     if checkpointing:
-        return a.layers * tokens * a.hidden * dtype_bytes + tokens * a.layer_bytes(dtype_bytes)
-    return a.layers * tokens * a.layer_bytes(dtype_bytes)
+        return a.layers * tokens * a.hidden * dtype_bytes + tokens * a.layer_bytes(dtype_bytes) + a2a
+    return a.layers * tokens * a.layer_bytes(dtype_bytes) + a2a
 
 
 def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
@@ -293,8 +302,18 @@ def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
 def make_plan(cfg: Any, hw: Hardware) -> Plan:
     """Per-GPU memory and step time of `cfg` (any stage config) on `hw`; suggestions are added by `suggest`."""
     stage, world, b = cfg.stage, hw.world, 4 if cfg.model.dtype == "fp32" else 2
-    z = ZeroSettings.of(cfg, world)
-    main = arch(cfg.model, cfg.lora, world, head="score" if stage == "rm" else "lm")
+    sp = cfg.deepspeed.sequence_parallel_size
+    z = ZeroSettings.of(cfg, world // sp)  # ZeRO partitions over every rank, sequence-parallel ones included
+    scalar = stage in ("rm", "classify")  # a score head: no LM logits
+    lora = cfg.lora
+    if stage == "classify":  # the mode decides: LoRA, all weights, or none (feature: a frozen forward, then a head)
+        lora = (
+            None if cfg.classify.mode == "feature" else dataclasses.replace(lora, enabled=cfg.classify.mode == "lora")
+        )
+    main = arch(cfg.model, lora, world, head="score" if scalar else "lm")
+    if sp < 1 or world % sp or main.heads % sp or sp > 1 and stage not in SEQUENCE_PARALLEL_STAGES:
+        raise ConfigError(f"deepspeed.sequence_parallel_size={sp}: must divide the world ({world}) and the attention "
+                          f"heads ({main.heads}), for sft, dpo, rm or grpo")  # fmt: skip
     items, host = model_states(main, z, world, b)
     items["communication buffers"] = buffers(z, b, main.trainable)
     notes: list[str] = []
@@ -304,12 +323,12 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     if section is not None:
         seq += section.max_new_tokens
     sequences = mb * (2 if stage in ("rm", "dpo") else 1)  # a pair's two sides go through in one forward
-    tokens = sequences * seq
-    ckpt = cfg.model.gradient_checkpointing
-    fused = stage != "rm" and cfg.loss.fused != "false"  # auto = on for a GPU
+    tokens = sequences * -(-seq // sp)  # this rank's share of the micro batch
+    ckpt = cfg.model.gradient_checkpointing or main.trainable == 0  # nothing kept for a backward: one layer's worth
+    fused = not scalar and cfg.loss.fused != "false"  # auto = on for a GPU
     phases = {
-        "activations + logits": activations(main, tokens, ckpt, b)
-        + (0.0 if fused or stage == "rm" else LOGIT_BYTES[z.stage] * tokens * main.vocab),
+        "activations + logits": activations(main, tokens, ckpt, b, sp)
+        + (0.0 if fused or scalar else LOGIT_BYTES[z.stage] * tokens * main.vocab),
         "optimizer step (fp32 gradients)": 0.0
         if z.offload_optimizer
         else 4 * (main.trainable / (world if z.stage else 1)),
@@ -339,7 +358,7 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     peak_phase = max(phases, key=phases.get)
     items[peak_phase] = phases[peak_phase]
     notes.append(f"peak during: {peak_phase} (" + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in phases.items()) + ")")
-    tokens_per_step = tokens * cfg.train.gradient_accumulation_steps * world
+    tokens_per_step = sequences * seq * cfg.train.gradient_accumulation_steps * world // sp
     flops = tokens_per_step * flops_per_token(main, seq, ckpt) * (1.5 if "reference model" in items else 1.0)
     step_time = flops / (world * hw.peak_tflops * 1e12 * hw.mfu)
     if section is not None:
@@ -347,65 +366,9 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     summary = {"parameters": main.params, "trainable": main.trainable, "layers": main.layers, "hidden": main.hidden,
                "vocab": main.vocab, "zero_stage": z.stage, "offload_optimizer": z.offload_optimizer,
                "offload_param": z.offload_param, "gradient_checkpointing": ckpt, "fused_loss": fused,
-               "tokens_per_micro_batch": tokens, "dtype": cfg.model.dtype}  # fmt: skip
+               "tokens_per_micro_batch": tokens, "dtype": cfg.model.dtype, "sequence_parallel": sp,
+               "heads": main.heads, "sequence_parallel_stage": stage in SEQUENCE_PARALLEL_STAGES}  # fmt: skip
     return Plan(hw, items, host, sum(items.values()), summary, tokens_per_step, step_time, notes)
-
-
-def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
-    """When `plan` does not fit: the changes (config overrides), cheapest first, that each make it fit, with their
-    predicted memory; if none does alone, the cheapest combination that does (or the closest one)."""
-    from distributed_pt.typed_config import apply_override
-
-    mb, gas = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
-    candidates: list[dict[str, str]] = []
-    if cfg.stage != "rm" and cfg.loss.fused == "false":
-        candidates.append({"loss.fused": "auto"})
-    if not cfg.model.gradient_checkpointing:
-        candidates.append({"model.gradient_checkpointing": "true"})
-    if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.lora.enabled:
-        candidates.append({"dpo.precompute_reference": "true"})
-    if cfg.stage == "ppo" and not cfg.ppo.offload_frozen:
-        candidates.append({"ppo.offload_frozen": "true"})
-    if plan.arch["zero_stage"] < 3:
-        candidates.append({"deepspeed.zero_stage": "3"})
-    smaller = [mb // k for k in (2, 4, 8, 16, 32, 64) if mb // k >= 1 and mb % k == 0]
-    candidates += [{"train.micro_batch_size": str(m), "train.gradient_accumulation_steps": str(gas * mb // m)}
-                   for m in smaller]  # fmt: skip
-    if not cfg.lora.enabled:
-        candidates.append({"lora.enabled": "true", "lora.r": "16"})
-    if not plan.arch["offload_optimizer"]:
-        candidates.append({"deepspeed.offload_optimizer": "true"})
-    if not plan.arch["offload_param"]:
-        candidates.append({"deepspeed.zero_stage": "3", "deepspeed.offload_param": "true"})
-
-    def total(overrides: dict[str, str]) -> float:
-        changed = copy.deepcopy(cfg)
-        for key, value in overrides.items():
-            apply_override(changed, f"{key}={value}")
-        return make_plan(changed, hw).total
-
-    def entry(overrides: dict[str, str], t: float) -> dict[str, Any]:
-        return {"change": [f"{k}={v}" for k, v in overrides.items()], "total": t, "fits": t <= hw.gpu_memory}
-
-    fitting = []
-    for overrides in candidates:
-        if "train.micro_batch_size" in overrides and any("train.micro_batch_size=" in c for f in fitting
-                                                         for c in f["change"]):  # fmt: skip
-            continue  # the largest micro batch that fits is the one worth naming
-        t = total(overrides)
-        if t <= hw.gpu_memory:
-            fitting.append(entry(overrides, t))
-    if fitting:
-        return fitting
-    combined: dict[str, str] = {}
-    best = plan.total
-    for overrides in candidates:  # cumulatively, keeping each change that lowers the peak
-        t = total(combined | overrides)
-        if t < best:
-            combined, best = combined | overrides, t
-            if t <= hw.gpu_memory:
-                break
-    return [entry(combined, best)] if combined else []
 
 
 def render(plan: Plan, source: str = "") -> str:
@@ -417,7 +380,8 @@ def render(plan: Plan, source: str = "") -> str:
         f"{', optimizer offload' if a['offload_optimizer'] else ''}"
         f"{', parameter offload' if a['offload_param'] else ''}"
         f"; {a['dtype']}; gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}; "
-        f"fused loss {'on' if a['fused_loss'] else 'off'}; {a['tokens_per_micro_batch']} tokens per micro batch",
+        f"fused loss {'on' if a['fused_loss'] else 'off'}; {a['tokens_per_micro_batch']} tokens per micro batch"
+        + (f" and rank (sequence parallel {a['sequence_parallel']})" if a["sequence_parallel"] > 1 else ""),
         "",
         "per GPU                                  GiB",
     ]

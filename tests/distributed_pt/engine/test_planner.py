@@ -21,16 +21,17 @@ from distributed_pt.config import (
     TrainConfig,
     load_config,
 )
+from distributed_pt.engine.fitting import longest_sequence, suggest
 from distributed_pt.engine.planner import (
     Arch,
     GiB,
     Hardware,
     ZeroSettings,
+    activations,
     buffers,
     frozen_bytes,
     make_plan,
     model_states,
-    suggest,
 )
 from distributed_pt.typed_config import apply_override
 from tests.conftest import ROOT
@@ -40,7 +41,7 @@ B = 1_000_000_000
 
 
 def _arch(params: int, trainable: int, persistent: int = 0, straddle: int | None = None) -> Arch:
-    return Arch(params=params, trainable=trainable, layers=32, hidden=4096, intermediate=14336, kv_dim=1024,
+    return Arch(params=params, trainable=trainable, layers=32, hidden=4096, heads=32, intermediate=14336, kv_dim=1024,
                 vocab=128256, linear_weights=params, persistent=persistent,
                 grad_partition=straddle or trainable // 8)  # fmt: skip
 
@@ -155,7 +156,7 @@ def test_a_config_that_cannot_fit_gets_suggestions_that_do():
 
 def test_every_stage_config_plans():
     """Each bundled stage config plans (PPO: actor, critic, reference, reward model and the KV cache)."""
-    for name in ("sft", "rm", "ppo", "grpo", "dpo"):
+    for name in ("sft", "rm", "ppo", "grpo", "dpo", "classify"):
         plan = make_plan(load_config(ROOT / "configs" / f"{name}_tiny.yaml", ["model.path=null",
                          "model.init_config={model_type: llama, hidden_size: 64, intermediate_size: 176, "
                          "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}"]),
@@ -202,3 +203,56 @@ def test_example_configs_are_valid_and_fit_the_hardware_they_name(path):
     plan = make_plan(cfg, Hardware(gpus_per_node=gpus, nodes=nodes, gpu_memory=memory * GiB))
     assert plan.fits
     assert plan.total / GiB == pytest.approx(float(quoted.group(1)), abs=0.01)
+
+
+LONG = ROOT / "configs" / "examples" / "llama3.1-8b-longctx-sft-8gpu.yaml"
+NODE = Hardware(gpus_per_node=8, gpu_memory=80 * GiB)
+
+
+def _long(sp: int, *extra: str):
+    return load_config(LONG, [f"deepspeed.sequence_parallel_size={sp}", *extra])
+
+
+def test_sequence_parallelism_divides_the_activations_not_the_model_states():
+    one, eight = make_plan(_long(1), NODE), make_plan(_long(8), NODE)
+    for k in ("parameters", "gradients", "optimizer states"):  # ZeRO partitions over all 8 ranks either way
+        assert eight.items[k] == one.items[k]
+    a = _arch(8 * B, 8 * B)
+    local = 65536 // 8
+    a2a = local * (4 * 4096 + 4 * 1024)  # q, k, v and the output, in and out of the all-to-all (bf16)
+    assert activations(a, local, True, 2, sp=8) == activations(a, local, True, 2) + a2a
+    assert eight.arch["tokens_per_micro_batch"] == local and one.arch["tokens_per_micro_batch"] == 65536
+    assert eight.tokens_per_step == one.tokens_per_step // 8  # 8 ranks per sequence: one replica, not 8
+    with pytest.raises(Exception, match="sequence_parallel_size=3"):
+        make_plan(_long(3), NODE)  # divides neither the 8 GPUs nor the 32 heads
+    with pytest.raises(Exception, match="sequence_parallel_size=2"):
+        make_plan(load_config(ROOT / "configs" / "ppo_tiny.yaml", ["deepspeed.sequence_parallel_size=2",
+                  "model.path=null", "model.preset=llama-3.1-8b"]), NODE)  # fmt: skip
+
+
+def test_longest_sequence_fits_and_one_step_more_does_not():
+    for sp in (1, 8):
+        cfg = _long(sp)
+        n = longest_sequence(cfg, NODE)
+        assert n > 0 and n % 256 == 0
+        assert make_plan(_long(sp, f"data.max_length={n}"), NODE).fits
+        assert not make_plan(_long(sp, f"data.max_length={n + 256}"), NODE).fits
+    assert longest_sequence(_long(8), NODE) > 7 * longest_sequence(_long(1), NODE)
+
+
+def test_a_sequence_too_long_for_one_gpu_gets_sequence_parallelism_suggested():
+    cfg = _long(1, "data.max_length=524288")
+    plan = make_plan(cfg, NODE)
+    assert not plan.fits
+    changes = [" ".join(s["change"]) for s in suggest(cfg, NODE, plan)]
+    assert "deepspeed.sequence_parallel_size=8" in changes and "deepspeed.sequence_parallel_size=2" not in changes
+
+
+def test_cli_longest(capsys):
+    from distributed_pt.plan import main
+
+    main([str(LONG), "--json", "--longest"])
+    record = json.loads(capsys.readouterr().out)
+    longest = record["longest"]
+    assert longest["key"] == "data.max_length" and set(longest) == {"key", "1", "2", "4", "8"}
+    assert longest["1"] < longest["2"] < longest["4"] < longest["8"] == longest_sequence(_long(8), NODE)
