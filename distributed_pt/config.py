@@ -39,6 +39,9 @@ class ModelConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
+    # Long sequences: run each `.mlp` over this many tiles of its tokens, recomputed tile by tile in the backward
+    # (DeepSpeed ALST's TiledMLP): the MLP's intermediates are never kept whole. 0: off.
+    tiled_mlp: int = 0
     # Run the Python modelling/tokenizer code a model directory ships (its config's auto_map) on every rank. Off unless
     # set: such code can do anything; rank 0 prints a warning when it is on.
     trust_remote_code: bool = False

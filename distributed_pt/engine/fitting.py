@@ -29,6 +29,9 @@ def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
     smaller = [mb // k for k in (2, 4, 8, 16, 32, 64) if mb // k >= 1 and mb % k == 0]
     candidates += [{"train.micro_batch_size": str(m), "train.gradient_accumulation_steps": str(gas * mb // m)}
                    for m in smaller]  # fmt: skip
+    if not cfg.model.tiled_mlp and plan.arch["tokens_per_micro_batch"] > 2 * plan.arch["hidden"]:
+        tiles = -(-plan.arch["tokens_per_micro_batch"] // plan.arch["hidden"])  # ALST's choice: tiles of ~hidden tokens
+        candidates.append({"model.tiled_mlp": str(tiles)})
     if plan.arch["sequence_parallel_stage"]:  # sequence parallelism: each rank 1/SP of every sequence
         candidates += [{"deepspeed.sequence_parallel_size": str(k)} for k in parallel_sizes(plan)
                        if k > plan.arch["sequence_parallel"]]  # fmt: skip

@@ -20,7 +20,8 @@ or `model.init_config`, with LoRA applied as training would; everything else is 
 * **Activations** of a micro batch: with gradient checkpointing each layer's input plus one layer's saved tensors
   during its recompute; without, every layer's saved tensors (``ACT_BYTES`` per token for a Llama-style block).
   With sequence parallelism (SP) a rank holds 1/SP of each sequence's tokens, plus one layer's all-to-all buffers
-  (its q, k, v and attention output re-laid by heads: ``A2A_BYTES`` per local token).
+  (its q, k, v and attention output re-laid by heads: ``A2A_BYTES`` per local token). Tiled MLPs keep none of the
+  MLP intermediates, only one tile's during its recompute.
 * **Logits**: none with the fused LM-head loss; else ``LOGIT_BYTES`` per token per vocabulary entry.
 * **Optimizer step**: fp32 gradients of this rank's partition while the step runs (the peak of full fine-tuning).
 * **Stage extras**: DPO's frozen reference; PPO's critic (a second trained model), reference and reward model;
@@ -284,12 +285,16 @@ def buffers(z: ZeroSettings, dtype_bytes: int, trainable: int) -> float:
     return dtype_bytes * bucket * (2 if z.overlap_comm else 1)
 
 
-def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int, sp: int = 1) -> float:
-    """Bytes a rank keeps for the backward of a micro batch of `tokens` (this rank's: 1/SP of the sequences')."""
+def activations(a: Arch, tokens: int, checkpointing: bool, dtype_bytes: int, sp: int = 1, tiles: int = 0) -> float:
+    """Bytes a rank keeps for the backward of a micro batch of `tokens` (this rank's: 1/SP of the sequences'). Tiled
+    MLPs (`model.tiled_mlp`) keep none of the MLP's intermediates, only one tile's while it is recomputed."""
+    mlp = ACT_INTERMEDIATE * a.intermediate * dtype_bytes / 2 if tiles else 0.0  # per token
+    layer = tokens * (a.layer_bytes(dtype_bytes) - mlp)
     a2a = 0.0 if sp == 1 else tokens * (A2A_HIDDEN * a.hidden + A2A_KV * a.kv_dim) * dtype_bytes / 2
+    transient = a2a + (tokens / tiles * mlp if tiles else 0.0)  # one layer's all-to-all, one MLP tile
     if checkpointing:
-        return a.layers * tokens * a.hidden * dtype_bytes + tokens * a.layer_bytes(dtype_bytes) + a2a
-    return a.layers * tokens * a.layer_bytes(dtype_bytes) + a2a
+        return a.layers * tokens * a.hidden * dtype_bytes + layer + transient
+    return a.layers * layer + transient
 
 
 def flops_per_token(a: Arch, seq_len: float, checkpointing: bool) -> float:
@@ -327,7 +332,7 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     ckpt = cfg.model.gradient_checkpointing or main.trainable == 0  # nothing kept for a backward: one layer's worth
     fused = not scalar and cfg.loss.fused != "false"  # auto = on for a GPU
     phases = {
-        "activations + logits": activations(main, tokens, ckpt, b, sp)
+        "activations + logits": activations(main, tokens, ckpt, b, sp, cfg.model.tiled_mlp)
         + (0.0 if fused or scalar else LOGIT_BYTES[z.stage] * tokens * main.vocab),
         "optimizer step (fp32 gradients)": 0.0
         if z.offload_optimizer

@@ -10,6 +10,7 @@ Nothing is downloaded: every `from_pretrained` runs with ``local_files_only=True
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,7 +86,36 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
         )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.tiled_mlp:
+        tile_mlps(model, cfg.tiled_mlp)
     return model
+
+
+def tile_mlps(model: torch.nn.Module, tiles: int) -> None:
+    """Route every `.mlp` block through DeepSpeed's TiledMLP: its forward over `tiles` slices of the tokens without
+    keeping anything but its input, the backward recomputing slice by slice (so long sequences never hold the MLP's
+    intermediates whole). LoRA adapters added later are part of the recomputed forward."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    if tiles < 1 or not mlps:
+        raise ConfigError(
+            f"model.tiled_mlp={tiles}: needs >= 1 and a model with `.mlp` blocks ({type(model).__name__})"
+        )
+
+    def tiled(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        own = type(mlp).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            params = [p for p in mlp.parameters() if p.requires_grad]
+            if params and torch.is_grad_enabled() and not x.requires_grad:  # (frozen below, adapters here): autograd
+                x = x.detach().requires_grad_()  # sees only x as the Function's input, so make it ask for a gradient
+            return TiledMLP.apply(own, mlp, x, tiles, params)
+
+        return forward
+
+    for mlp in mlps:
+        mlp.forward = tiled(mlp)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -221,6 +221,8 @@ def test_sequence_parallelism_divides_the_activations_not_the_model_states():
     local = 65536 // 8
     a2a = local * (4 * 4096 + 4 * 1024)  # q, k, v and the output, in and out of the all-to-all (bf16)
     assert activations(a, local, True, 2, sp=8) == activations(a, local, True, 2) + a2a
+    mlp = local * 8 * 14336  # the MLP's intermediates of one layer (bf16): kept whole, or one tile of 8 at a time
+    assert activations(a, local, True, 2, tiles=8) == activations(a, local, True, 2) - mlp + mlp / 8
     assert eight.arch["tokens_per_micro_batch"] == local and one.arch["tokens_per_micro_batch"] == 65536
     assert eight.tokens_per_step == one.tokens_per_step // 8  # 8 ranks per sequence: one replica, not 8
     with pytest.raises(Exception, match="sequence_parallel_size=3"):

@@ -198,3 +198,37 @@ def test_a_tokenizer_other_than_the_models_saved_one_is_warned(tmp_path, capsys)
     out = capsys.readouterr().out
     assert f"model.tokenizer ({tmp_path / 'other'}, {len(small)} tokens) is not the tokenizer saved" in out
     assert f"({tmp_path / 'model'}, {len(demo)} tokens)" in out
+
+
+def test_tiled_mlp_gives_the_same_loss_and_gradients():
+    """model.tiled_mlp: every `.mlp` runs over tiles of the tokens (DeepSpeed's TiledMLP, recomputed in the backward):
+    the loss and every gradient equal the plain model's, LoRA adapters included; nothing of the MLP is kept but its
+    input."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distributed_pt.config import LoraConfig
+    from distributed_pt.models.loading import make_trainable, tile_mlps
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=61))  # fmt: skip
+    make_trainable(plain, LoraConfig(enabled=True, r=4, target_modules=["gate_proj", "up_proj", "down_proj"]), False)
+    for p in plain.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # LoRA's B starts at 0: make its gradient path non-trivial
+    tiled = copy.deepcopy(plain)
+    tile_mlps(tiled, 3)
+    ids = torch.randint(0, 61, (2, 37))  # 37 tokens: uneven tiles
+    grads = []
+    for model in (plain, tiled):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=0)
+    assert len(grads[0][1]) > 0
+    for g_tiled, g_plain in zip(grads[1][1], grads[0][1], strict=True):
+        torch.testing.assert_close(g_tiled, g_plain, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="model.tiled_mlp"):
+        tile_mlps(torch.nn.Linear(2, 2), 2)
