@@ -42,6 +42,9 @@ class ModelConfig:
     # Long sequences: run each `.mlp` over this many tiles of its tokens, recomputed tile by tile in the backward
     # (DeepSpeed ALST's TiledMLP): the MLP's intermediates are never kept whole. 0: off.
     tiled_mlp: int = 0
+    # Long sequences: keep gradient checkpointing's layer inputs in host memory (pinned) until the backward needs them
+    # (ALST's checkpoint offload; needs gradient_checkpointing): GPU memory then holds about one layer's activations.
+    offload_activations: bool = False
     # Run the Python modelling/tokenizer code a model directory ships (its config's auto_map) on every rank. Off unless
     # set: such code can do anything; rank 0 prints a warning when it is on.
     trust_remote_code: bool = False

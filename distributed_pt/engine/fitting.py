@@ -32,6 +32,8 @@ def suggest(cfg: Any, hw: Hardware, plan: Plan) -> list[dict[str, Any]]:
     if not cfg.model.tiled_mlp and plan.arch["tokens_per_micro_batch"] > 2 * plan.arch["hidden"]:
         tiles = -(-plan.arch["tokens_per_micro_batch"] // plan.arch["hidden"])  # ALST's choice: tiles of ~hidden tokens
         candidates.append({"model.tiled_mlp": str(tiles)})
+    if cfg.model.gradient_checkpointing and not cfg.model.offload_activations:
+        candidates.append({"model.offload_activations": "true"})
     if plan.arch["sequence_parallel_stage"]:  # sequence parallelism: each rank 1/SP of every sequence
         candidates += [{"deepspeed.sequence_parallel_size": str(k)} for k in parallel_sizes(plan)
                        if k > plan.arch["sequence_parallel"]]  # fmt: skip

@@ -21,7 +21,8 @@ or `model.init_config`, with LoRA applied as training would; everything else is 
   during its recompute; without, every layer's saved tensors (``ACT_BYTES`` per token for a Llama-style block).
   With sequence parallelism (SP) a rank holds 1/SP of each sequence's tokens, plus one layer's all-to-all buffers
   (its q, k, v and attention output re-laid by heads: ``A2A_BYTES`` per local token). Tiled MLPs keep none of the
-  MLP intermediates, only one tile's during its recompute.
+  MLP intermediates, only one tile's during its recompute; offloaded activations keep the checkpoints (each layer's
+  input) in host memory.
 * **Logits**: none with the fused LM-head loss; else ``LOGIT_BYTES`` per token per vocabulary entry.
 * **Optimizer step**: fp32 gradients of this rank's partition while the step runs (the peak of full fine-tuning).
 * **Stage extras**: DPO's frozen reference; PPO's critic (a second trained model), reference and reward model;
@@ -331,8 +332,12 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     tokens = sequences * -(-seq // sp)  # this rank's share of the micro batch
     ckpt = cfg.model.gradient_checkpointing or main.trainable == 0  # nothing kept for a backward: one layer's worth
     fused = not scalar and cfg.loss.fused != "false"  # auto = on for a GPU
+    offloaded = main.layers * tokens * main.hidden * b if cfg.model.offload_activations else 0.0  # the checkpoints
+    if offloaded:
+        host["activation checkpoints"] = offloaded
     phases = {
         "activations + logits": activations(main, tokens, ckpt, b, sp, cfg.model.tiled_mlp)
+        - offloaded
         + (0.0 if fused or scalar else LOGIT_BYTES[z.stage] * tokens * main.vocab),
         "optimizer step (fp32 gradients)": 0.0
         if z.offload_optimizer

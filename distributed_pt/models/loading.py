@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -88,7 +89,25 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn
         enable_gradient_checkpointing(model)
     if cfg.tiled_mlp:
         tile_mlps(model, cfg.tiled_mlp)
+    if cfg.offload_activations:
+        if not cfg.gradient_checkpointing:
+            raise ConfigError("model.offload_activations: offloads gradient checkpointing's layer inputs; set "
+                              "model.gradient_checkpointing=true")  # fmt: skip
+        offload_activations(model)
     return model
+
+
+def offload_activations(model: torch.nn.Module) -> None:
+    """What the transformer body saves for the backward (with gradient checkpointing: each layer's input) goes to
+    host memory, pinned on CUDA, and comes back when the backward reaches it (`torch.autograd.graph.save_on_cpu`)."""
+    body = model.base_model
+    own = body.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return own(*args, **kwargs)
+
+    body.forward = forward
 
 
 def tile_mlps(model: torch.nn.Module, tiles: int) -> None:

@@ -225,6 +225,10 @@ def test_sequence_parallelism_divides_the_activations_not_the_model_states():
     assert activations(a, local, True, 2, tiles=8) == activations(a, local, True, 2) - mlp + mlp / 8
     assert eight.arch["tokens_per_micro_batch"] == local and one.arch["tokens_per_micro_batch"] == 65536
     assert eight.tokens_per_step == one.tokens_per_step // 8  # 8 ranks per sequence: one replica, not 8
+    host = make_plan(_long(8, "model.offload_activations=true"), NODE)
+    checkpoints = 32 * local * 4096 * 2  # each layer's input, bf16
+    assert host.host["activation checkpoints"] == checkpoints
+    assert host.total < eight.total and "optimizer step (fp32 gradients)" in host.items  # activations no longer peak
     with pytest.raises(Exception, match="sequence_parallel_size=3"):
         make_plan(_long(3), NODE)  # divides neither the 8 GPUs nor the 32 heads
     with pytest.raises(Exception, match="sequence_parallel_size=2"):

@@ -232,3 +232,32 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(g_tiled, g_plain, rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="model.tiled_mlp"):
         tile_mlps(torch.nn.Linear(2, 2), 2)
+
+
+def test_offloaded_activations_give_the_same_loss_and_gradients():
+    """model.offload_activations: the body's saved tensors (with checkpointing, each layer's input) go through host
+    memory; the step is unchanged. Without gradient checkpointing it is refused, naming the key."""
+    import copy
+    import dataclasses
+
+    from distributed_pt.models.loading import offload_activations
+
+    cfg = ModelConfig(init_config={"model_type": "llama", **TINY["llama"], "num_hidden_layers": 2}, dtype="fp32",
+                      gradient_checkpointing=True)  # fmt: skip
+    torch.manual_seed(0)
+    plain = load_model(cfg, load_tokenizer(cfg)).train()
+    offloaded = copy.deepcopy(plain)
+    offload_activations(offloaded)
+    ids = torch.randint(3, 60, (2, 19))
+    out = []
+    for model in (plain, offloaded):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
+    for a, b in zip(out[1][1], out[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="model.offload_activations"):
+        load_model(
+            dataclasses.replace(cfg, gradient_checkpointing=False, offload_activations=True), load_tokenizer(cfg)
+        )
