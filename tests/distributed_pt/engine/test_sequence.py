@@ -9,7 +9,7 @@ import torch
 
 from distributed_pt.config import load_config
 from distributed_pt.data.collate import Batch
-from distributed_pt.engine.sequence import setup, shard, split
+from distributed_pt.engine.sequence import Shard, setup, shard, split
 from distributed_pt.models.heads import shift_labels
 from tests.conftest import DEMO, RM_CONFIG, ROOT, TINY_SFT, read_metrics, run_launcher, train_losses
 
@@ -28,7 +28,9 @@ def test_shards_cover_the_sequence_with_shifted_targets():
     assert torch.cat([a.labels, b.labels], 1).tolist() == [shift_labels(labels).tolist()[0] + [IGNORE]]
     assert a.shifted and b.shifted and b.attention_mask.tolist() == [[1, 1, 1, 0]]
     # any per-position tensor, shifted or not, is cut the same way
-    assert [split(ids, 2, r, 0, shift=True).tolist() for r in (0, 1)] == [[[2, 3, 4, 5]], [[6, 7, 0, 0]]]
+    assert [split(ids[:, 1:], 2, r, 0, length=7).tolist() for r in (0, 1)] == [[[2, 3, 4, 5]], [[6, 7, 0, 0]]]
+    assert Shard(2, 1)(ids[:, 1:].float(), -1.0).tolist() == [[6.0, 7.0, -1.0, -1.0]]  # per-position values
+    assert Shard(1, 0)(ids) is ids and Shard(1, 0).reduce is None
     assert [split(ids[:, :6], 3, r, -1).tolist() for r in (0, 1, 2)] == [[[1, 2]], [[3, 4]], [[5, 6]]]
 
 
