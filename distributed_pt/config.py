@@ -127,8 +127,8 @@ class DeepSpeedConfig:
     # Cap ZeRO's gradient reduce bucket (allocated whole, twice with overlap_comm) at the trainable parameter count:
     # LoRA's few million adapter parameters otherwise reserve 2 x 5e8 16-bit elements (1.9 GiB) per GPU.
     fit_buckets: bool = True
-    # Ulysses sequence parallelism (DeepSpeed's ALST; SFT, DPO, RM and GRPO's update): each sequence is split over
-    # this many consecutive ranks, attention through all-to-all (attention heads divisible by it; sdpa or flash).
+    # Ulysses sequence parallelism (DeepSpeed's ALST; SFT, DPO, RM, PPO's and GRPO's updates): each sequence is split
+    # over this many consecutive ranks, attention through all-to-all (heads divisible by it; sdpa or flash).
     sequence_parallel_size: int = 1
 
 

@@ -52,7 +52,7 @@ ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 24, 4, 8
 # Ulysses' all-to-all buffers of one layer, 16-bit bytes per local token: q and the output (2 * hidden) and k, v
 # (2 * kv_dim), each once more as the collective's output.
 A2A_HIDDEN, A2A_KV = 4, 4
-SEQUENCE_PARALLEL_STAGES = ("sft", "dpo", "rm", "grpo")
+SEQUENCE_PARALLEL_STAGES = ("sft", "dpo", "rm", "ppo", "grpo")
 # Bytes per token per vocabulary entry at the loss when logits are materialised (fitted: H100, bf16).
 LOGIT_BYTES = {0: 4.5, 1: 4.5, 2: 4.5, 3: 10.5}
 # ZeRO-3's gathered-parameter working set beyond its buckets, in bytes (fitted: H100).
@@ -319,7 +319,7 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     main = arch(cfg.model, lora, world, head="score" if scalar else "lm")
     if sp < 1 or world % sp or main.heads % sp or sp > 1 and stage not in SEQUENCE_PARALLEL_STAGES:
         raise ConfigError(f"deepspeed.sequence_parallel_size={sp}: must divide the world ({world}) and the attention "
-                          f"heads ({main.heads}), for sft, dpo, rm or grpo")  # fmt: skip
+                          f"heads ({main.heads}), for {', '.join(SEQUENCE_PARALLEL_STAGES)}")  # fmt: skip
     items, host = model_states(main, z, world, b)
     items["communication buffers"] = buffers(z, b, main.trainable)
     notes: list[str] = []

@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism through DeepSpeed (ALST, `deepspeed.runtime.sequence_parallel.ulysses_sp`): each
 sequence is split over `deepspeed.sequence_parallel_size` (SP) consecutive ranks. Attention runs on whole sequences
 for a share of the heads (DeepSpeed's `UlyssesSPAttentionHF`, two all-to-alls a layer); everything else runs on each
-rank's share of the tokens. SFT, DPO and the reward model use it.
+rank's share of the tokens. SFT, DPO, the reward model and the PPO and GRPO updates use it.
 
 Every rank of a sequence-parallel group trains on the same batch (the data-parallel rank is rank // SP). Targets are
 shifted before the sequence is cut, so a shard's last position still predicts the next shard's first token. A loss
@@ -105,17 +105,24 @@ class Shard:
         sp = cfg.deepspeed.sequence_parallel_size
         return cls(sp, dist.rank() % sp)
 
-    def inputs(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """`rl.logprobs.token_logprobs`' keyword inputs: tokens, mask, positions and each position's next token (the
-        columns added to reach a multiple of SP hold token 0: causal attention never lets them reach a real token)."""
+    def inputs(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor, targets: bool = True
+    ) -> dict[str, torch.Tensor | None]:
+        """`rl.logprobs.token_logprobs`' keyword inputs: tokens, mask, positions and each position's next token
+        (`targets`; without them, `models.heads.token_scores`'). The columns added to reach a multiple of SP hold
+        token 0: causal attention never lets them reach a real token."""
         if self.sp == 1:
             return {"input_ids": ids, "attention_mask": attention_mask}
         return {
             "input_ids": split(ids, self.sp, self.rank, 0),
             "attention_mask": split(attention_mask, self.sp, self.rank, 0),
             "position_ids": positions(ids, self.sp, self.rank),
-            "targets": self(ids[:, 1:], 0),
-        }
+        } | ({"targets": self(ids[:, 1:], 0)} if targets else {})
+
+    def scored(self, x: torch.Tensor) -> torch.Tensor:
+        """A scalar head's per-position outputs (B, T; a shard's (B, W)) → per-position values (position t scores
+        token t + 1): the last position dropped (a shard keeps it: its next token is in the next shard)."""
+        return x[:, :-1] if self.sp == 1 else x
 
     def __call__(self, x: torch.Tensor | None, fill: float | bool = 0) -> torch.Tensor | None:
         """Per-position values (B, T - 1) → this rank's (B, W); None stays None."""

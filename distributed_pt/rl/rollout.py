@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from distributed_pt import dist
 from distributed_pt.data.prompts import prompt_and_reference
+from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.kl import kl_estimate
+from distributed_pt.losses.ppo import explained_variance
 from distributed_pt.models.heads import sequence_rewards, token_scores
 from distributed_pt.rl.advantages import gae, masked_whiten
 from distributed_pt.rl.engines import seed_for
@@ -271,3 +273,40 @@ def log_samples(exp: Experience, tokenizer: PreTrainedTokenizerBase, logger: Any
         rows.append([prompt, response, exp.scores[i].item()])
     logger.log_table("samples", ["prompt", "response", "score"], rows, step=step)
     dist.print0(f"sample @ {step}: {rows[0][0]!r} -> {rows[0][1]!r} (score {rows[0][2]:.2f})")
+
+
+def experience_metrics(
+    exp: Experience,
+    timing: dict[str, float],
+    train_time: float,
+    stats: dict[str, float],
+    epochs: int,
+) -> dict[str, float]:
+    """PPO's rollout statistics averaged over ranks (score, reward, KL, lengths, EOS, speeds) and the update's losses
+    (`stats`)."""
+    mask = exp.action_mask
+    resp_len = mask.sum(1)
+    kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(1)
+    local = {
+        "score": exp.scores.mean().item(),
+        "score_std": exp.scores.std(unbiased=False).item(),
+        "raw_score": exp.raw_scores.float().mean().item(),
+        "reward": exp.rewards.sum(1).mean().item(),
+        "reward_std": exp.rewards.sum(1).std(unbiased=False).item(),
+        "kl": kl_per_seq.mean().item(),
+        "response_length": resp_len.float().mean().item(),
+        "eos_fraction": exp.ended.float().mean().item(),
+        "explained_variance": explained_variance(exp.values, exp.returns, mask),
+        "gen_tokens_per_s": resp_len.sum().item() / max(timing["gen_time"], 1e-9),
+        "train_tokens_per_s": exp.attention_mask.sum().item() * epochs / max(train_time, 1e-9),
+        "gen_time": timing["gen_time"],
+        "sync_time": timing["sync_time"],
+        "train_time": train_time,
+        **stats,
+    }
+    names = sorted(local)
+    reduced = dist.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64)) / dist.world_size()
+    metrics = dict(zip(names, reduced.tolist(), strict=True))
+    metrics |= {k: v for k, v in timing.items() if k.startswith("offpolicy/")}  # reduced already
+    metrics["peak_mem_gib"] = peak_memory_gib()
+    return metrics

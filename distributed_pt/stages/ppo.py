@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,11 +27,11 @@ from distributed_pt.data.collate import Batch, Examples, ShardedBatches, collate
 from distributed_pt.data.io import Row
 from distributed_pt.data.prompts import is_exact_match, load_prompts, prompt_and_reference
 from distributed_pt.data.sft import encode_prompt, load_sft_data
+from distributed_pt.engine import sequence
 from distributed_pt.engine.deepspeed import frozen_engine, initialize, stage_ds_config
 from distributed_pt.engine.loop import Run, check_finite, data_cache, export, fingerprint, start
-from distributed_pt.engine.metrics import peak_memory_gib
 from distributed_pt.losses.masked import masked_mean
-from distributed_pt.losses.ppo import explained_variance, policy_loss, value_loss
+from distributed_pt.losses.ppo import policy_loss, value_loss
 from distributed_pt.models.heads import Backbone, lm_loss, token_scores, use_fused_loss
 from distributed_pt.models.loading import check_same_tokenizer, load_model, load_tokenizer, make_trainable
 from distributed_pt.models.reward import load_reward_model, load_reward_stats
@@ -38,7 +39,15 @@ from distributed_pt.rl.engines import check_rollout_config, rollout_engine
 from distributed_pt.rl.kl import AdaptiveKLController, FixedKLController
 from distributed_pt.rl.logprobs import token_logprobs
 from distributed_pt.rl.rewards import load_reward_functions
-from distributed_pt.rl.rollout import Experience, RLModels, log_samples, make_experience, sample, score_samples
+from distributed_pt.rl.rollout import (
+    Experience,
+    RLModels,
+    experience_metrics,
+    log_samples,
+    make_experience,
+    sample,
+    score_samples,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,14 +68,15 @@ def main(cfg: PPOConfig) -> dict:
     ptx_set = load_sft_data(tokenizer, ptx_data, 0, data_cache(cfg))[0] if ppo.ptx_coef > 0 else None
 
     models = build_models(cfg, tokenizer)
+    mpu = sequence.setup(models.actor, cfg)  # None without sequence parallelism (rollouts are generated as without)
     batches = ShardedBatches(len(train_prompts), ppo.rollout_batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch)
     per_step = micro_batches_per_step(cfg) // cfg.train.gradient_accumulation_steps  # optimizer steps per PPO step
     actor_updates = max(actor_steps(cfg, total_steps), 1) * per_step
-    models.actor = initialize(Backbone(models.actor), stage_ds_config(cfg), cfg.optim, actor_updates)
+    models.actor = initialize(Backbone(models.actor), stage_ds_config(cfg), cfg.optim, actor_updates, mpu)
     critic_optim = dataclasses.replace(cfg.optim, lr=ppo.critic_lr)
     models.critic = initialize(Backbone(models.critic), stage_ds_config(cfg, critic_optim), critic_optim,
-                               total_steps * per_step)  # fmt: skip
+                               total_steps * per_step, mpu)  # fmt: skip
     models.rollouts = rollout_engine(cfg, models.actor, tokenizer)
 
     kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.kl_target else None
@@ -105,7 +115,8 @@ def train(
         exp, timing = make_experience(models, *chosen, tokenizer, cfg, kl_ctl.value, run.state.step + 1)
         start = time.perf_counter()
         stats = ppo_update(models, exp, cfg, run.state.step, ptx)
-        metrics = rollout_metrics(exp, timing, time.perf_counter() - start, stats, kl_ctl, ppo.ppo_epochs)
+        metrics = experience_metrics(exp, timing, time.perf_counter() - start, stats, ppo.ppo_epochs)
+        metrics["kl_coef"] = kl_ctl.value
         kl_ctl.update(metrics["kl"], n_steps=ppo.rollout_batch_size * dist.world_size())
         if ppo.sample_every and (run.state.step + 1) % ppo.sample_every == 0:
             log_samples(exp, tokenizer, run.logger, run.state.step + 1)
@@ -113,8 +124,10 @@ def train(
 
 
 def micro_batches_per_step(cfg: PPOConfig) -> int:
-    """Minibatches one PPO step trains on (and ptx batches it consumes): epochs x rollout / micro batch."""
-    return cfg.ppo.rollout_batch_size // cfg.train.micro_batch_size * cfg.ppo.ppo_epochs
+    """Minibatches one PPO step trains on (and ptx batches it consumes): epochs x rollout / micro batch (x SP: a
+    sequence-parallel group trains on all its ranks' rollouts)."""
+    rows = cfg.ppo.rollout_batch_size * cfg.deepspeed.sequence_parallel_size
+    return rows // cfg.train.micro_batch_size * cfg.ppo.ppo_epochs
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -128,8 +141,6 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError("ppo.rollout_batch_size must be a multiple of micro_batch_size x gradient_accumulation_steps")
     if ppo.critic_warmup_steps < 0:
         raise ConfigError(f"ppo.critic_warmup_steps must be >= 0, got {ppo.critic_warmup_steps}")
-    if cfg.deepspeed.sequence_parallel_size != 1:
-        raise ConfigError("deepspeed.sequence_parallel_size: PPO does not shard sequences yet (SFT, DPO, RM, GRPO do)")
     check_rollout_config(cfg)
 
 
@@ -142,8 +153,7 @@ def ptx_batches(ptx_set: Examples | None, cfg: PPOConfig, step: int, pad_id: int
     """PPO-ptx SFT batches from where the actor steps before `step` left off (None without ptx data)."""
     if ptx_set is None:
         return None
-    world, mbs = dist.world_size(), cfg.train.micro_batch_size
-    order = ShardedBatches(len(ptx_set), mbs, dist.rank(), world, cfg.train.seed)
+    order = ShardedBatches(len(ptx_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     indices = order.iterate(actor_steps(cfg, step) * micro_batches_per_step(cfg))
     return (collate(ptx_set.examples(idx), pad_id) for _, idx in indices)
 
@@ -151,84 +161,54 @@ def ptx_batches(ptx_set: Examples | None, cfg: PPOConfig, step: int, pad_id: int
 def ppo_update(models: RLModels, exp: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches: clipped policy loss (- entropy bonus, + ptx)
     on the actor, clipped value loss on the critic. Returns the averaged loss statistics."""
-    ppo, mbs = cfg.ppo, cfg.train.micro_batch_size
-    totals: dict[str, float] = {}
+    ppo, mbs, cut = cfg.ppo, cfg.train.micro_batch_size, sequence.Shard.of(cfg)
+    if cut.sp > 1:  # every rank of a sequence-parallel group trains on the group's rollouts, each on its shard
+        exp = Experience(*sequence.gather(*(getattr(exp, f.name) for f in dataclasses.fields(exp))))
+    totals: Counter[str] = Counter()
     n = 0
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     train_actor = actor_steps(cfg, step + 1) > 0
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(exp.sequences.size(0), generator=g).split(mbs):
             mb = exp.select(rows.to(exp.sequences.device))
-            row = actor_update(models, mb, cfg, step, ptx) if train_actor else {}
+            row = actor_update(models, mb, cfg, step, ptx, cut) if train_actor else {}
 
-            values = token_scores(models.critic, mb.sequences, mb.attention_mask)[:, :-1]
-            v_loss, v_stats = value_loss(values, mb.values, mb.returns, mb.action_mask, ppo.value_clip)
+            values = cut.scored(token_scores(models.critic, **cut.inputs(mb.sequences, mb.attention_mask, False)))
+            v_loss, v_stats = value_loss(values, cut(mb.values), cut(mb.returns), cut(mb.action_mask), ppo.value_clip,
+                                         cut.reduce)  # fmt: skip
             check_finite(v_loss, step + 1)
-            models.critic.backward(v_loss)
+            models.critic.backward(v_loss / cut.sp)  # each shard's 1/SP (engine.sequence)
             models.critic.step()
-            row.update(value_loss=v_loss.item(), **v_stats)
-            for k, v in row.items():
-                totals[k] = totals.get(k, 0.0) + v
+            totals.update(row | v_stats | {"value_loss": v_loss.item()})
             n += 1
     return {k: v / n for k, v in totals.items()}
 
 
-def actor_update(models: RLModels, mb: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches) -> dict[str, float]:
-    """One actor step on a minibatch: clipped policy loss - entropy bonus (+ ptx_coef * SFT loss on a ptx batch)."""
-    ppo, actor = cfg.ppo, models.actor
-    logprobs, entropy = token_logprobs(actor, mb.sequences, mb.attention_mask, ppo.temperature, models.fused)
-    pg_loss, stats = policy_loss(
-        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, ppo.clip_ratio, mb.is_weights
-    )
-    ent = masked_mean(entropy, mb.action_mask)
+def actor_update(
+    models: RLModels, mb: Experience, cfg: PPOConfig, step: int, ptx: PtxBatches, cut: sequence.Shard
+) -> dict[str, float]:
+    """One actor step on a minibatch (`cut`: this rank's shard of it): clipped policy loss - entropy bonus
+    (+ ptx_coef * SFT loss on a ptx batch)."""
+    ppo, actor, mask = cfg.ppo, models.actor, cut(mb.action_mask)
+    inputs = cut.inputs(mb.sequences, mb.attention_mask)
+    logprobs, entropy = token_logprobs(actor, temperature=ppo.temperature, fused=models.fused, **inputs)
+    pg_loss, stats = policy_loss(logprobs, cut(mb.old_logprobs), cut(mb.advantages), mask, ppo.clip_ratio,
+                                 cut(mb.is_weights), cut.reduce)  # fmt: skip
+    ent = masked_mean(entropy, mask, reduce=cut.reduce)
     loss = pg_loss - ppo.entropy_coef * ent
     if ptx is not None:
-        batch = next(ptx).to(actor.device)
-        ptx_loss = lm_loss(actor, batch, models.fused)
+        batch = next(ptx)
+        batch = batch if cut.sp == 1 else sequence.shard(batch, cut.sp, cut.rank, 0)
+        total = lm_loss(actor, batch.to(actor.device), models.fused, reduction="sum")
+        targets = torch.tensor(float(batch.num_targets), device=total.device)
+        reduce = cut.reduce or (lambda t: t)
+        ptx_loss = reduce(total) / reduce(targets).clamp(min=1)
         loss = loss + ppo.ptx_coef * ptx_loss
         stats["ptx_loss"] = ptx_loss.item()
     check_finite(loss, step + 1)
-    actor.backward(loss)
+    actor.backward(loss / cut.sp)  # each shard's 1/SP (engine.sequence)
     actor.step()
     return {"policy_loss": pg_loss.item(), "entropy": ent.item(), **stats}
-
-
-def rollout_metrics(
-    exp: Experience,
-    timing: dict[str, float],
-    train_time: float,
-    stats: dict[str, float],
-    kl_ctl: FixedKLController,
-    epochs: int,
-) -> dict[str, float]:
-    """Rollout statistics averaged over ranks (score, reward, KL, lengths, EOS, speeds) and the update's losses."""
-    mask = exp.action_mask
-    resp_len = mask.sum(1)
-    kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(1)
-    local = {
-        "score": exp.scores.mean().item(),
-        "score_std": exp.scores.std(unbiased=False).item(),
-        "raw_score": exp.raw_scores.float().mean().item(),
-        "reward": exp.rewards.sum(1).mean().item(),
-        "reward_std": exp.rewards.sum(1).std(unbiased=False).item(),
-        "kl": kl_per_seq.mean().item(),
-        "response_length": resp_len.float().mean().item(),
-        "eos_fraction": exp.ended.float().mean().item(),
-        "explained_variance": explained_variance(exp.values, exp.returns, mask),
-        "gen_tokens_per_s": resp_len.sum().item() / max(timing["gen_time"], 1e-9),
-        "train_tokens_per_s": exp.attention_mask.sum().item() * epochs / max(train_time, 1e-9),
-        "gen_time": timing["gen_time"],
-        "sync_time": timing["sync_time"],
-        "train_time": train_time,
-        **stats,
-    }
-    names = sorted(local)
-    reduced = dist.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64)) / dist.world_size()
-    metrics = dict(zip(names, reduced.tolist(), strict=True))
-    metrics |= {k: v for k, v in timing.items() if k.startswith("offpolicy/")}  # reduced already
-    metrics["kl_coef"] = kl_ctl.value
-    metrics["peak_mem_gib"] = peak_memory_gib()
-    return metrics
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Run by test_sequence.py on 2 ranks (torchrun): a GRPO update's loss and gradients with sequence parallelism 2
+"""Run by test_sequence.py on 2 ranks (torchrun): GRPO's and PPO's losses and gradients with sequence parallelism 2
 (each rank its shard of every sequence, Ulysses attention, partial sums over the shards) against the same update on
 whole sequences (eval mode: the model's own attention), for every ratio level, aggregation and advantage shape;
 eval mode untouched by Ulysses (left padding); `gather`'s rows. Exits non-zero on the first mismatch."""
@@ -14,6 +14,7 @@ from distributed_pt import dist
 from distributed_pt.config import load_config
 from distributed_pt.engine import sequence
 from distributed_pt.losses.grpo import grpo_loss
+from distributed_pt.losses.ppo import policy_loss, value_loss
 from distributed_pt.models.heads import Backbone
 from distributed_pt.rl.logprobs import token_logprobs
 
@@ -63,6 +64,28 @@ def main() -> None:
                 for k, v in want_stats.items():
                     assert abs(got_stats[k] - v) <= 1e-5 * max(1.0, abs(v)), (case, k, got_stats[k], v)
                 assert want_grads.abs().max() > 0
+    # PPO: the clipped policy loss (with importance weights) and the clipped value loss
+    adv, weights = torch.randn(B, T - 1), torch.rand(B, T - 1) + 0.5
+    model.eval()
+    logp = token_logprobs(model, ids, attn, 1.0, False)[0]
+    old = logp.detach() + noise
+    want, want_stats = policy_loss(logp, old, adv, mask, 0.2, weights)
+    want_grads = grads(want, model)
+    model.train()
+    logp = token_logprobs(model, temperature=1.0, fused=False, **cut.inputs(ids, attn))[0]
+    got, got_stats = policy_loss(logp, cut(old), cut(adv), cut(mask), 0.2, cut(weights), cut.reduce)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg="ppo policy loss")
+    torch.testing.assert_close(dist.all_reduce_sum(grads(got / 2, model)), want_grads, rtol=1e-4, atol=1e-6)
+    assert all(abs(got_stats[k] - v) <= 1e-5 * max(1.0, abs(v)) for k, v in want_stats.items()), got_stats
+    values = torch.randn(B, T - 1, requires_grad=True)
+    old_values, returns = values.detach() + 0.3 * torch.randn(B, T - 1), torch.randn(B, T - 1)
+    want, _ = value_loss(values, old_values, returns, mask, 0.2)
+    (want_grad,) = torch.autograd.grad(want, values)
+    got, _ = value_loss(cut(values), cut(old_values), cut(returns), cut(mask), 0.2, cut.reduce)
+    (got_grad,) = torch.autograd.grad(got / 2, values)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg="ppo value loss")
+    torch.testing.assert_close(dist.all_reduce_sum(got_grad), want_grad, rtol=1e-5, atol=1e-7)
+
     mine = torch.full((1 + dist.rank(), 2 + dist.rank()), float(dist.rank() + 1))  # uneven rows and widths
     rows, none = sequence.gather(mine, None)
     assert none is None and rows.tolist() == [[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], rows
