@@ -172,12 +172,17 @@ def initialize(
 
 def _keep_grad_norm(engine: DeepSpeedEngine) -> None:
     """fp32 at ZeRO stage 0: DeepSpeed clips the gradients and drops their norm (`get_global_grad_norm` stays None);
-    keep it, as the ZeRO and mixed-precision optimizers do."""
+    keep it, as the ZeRO and mixed-precision optimizers do. The gradients are whole and equal on every rank here, so
+    torch's multi-tensor clip (one norm and one scale over all of them) replaces DeepSpeed's per-parameter loop and
+    its all-reduce; with sequence-parallel groups (`mpu`) DeepSpeed's own."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip() -> None:
-        parameters = engine.module.parameters()
-        engine._global_grad_norm = clip_grad_norm_(parameters, max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        parameters, max_norm = [p for p in engine.module.parameters() if p.grad is not None], engine.gradient_clipping()
+        if engine.mpu is None:
+            engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+        else:
+            engine._global_grad_norm = clip_grad_norm_(parameters, max_norm=max_norm, mpu=engine.mpu)
 
     engine.clip_fp32_gradients = clip
 
