@@ -68,6 +68,10 @@ def build_ds_config(
         raise ConfigError(f"{path}: parameter offload needs ZeRO stage 3 (stage is {zero.get('stage', 0)})")
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        if ds.sequence_parallel_size > 1:
+            # DeepSpeed 0.19's ZeRO-3 reduce-scatter path averages gradients over every rank, sequence-parallel ones
+            # included (1/SP of the gradient; its contiguous-bucket path divides by world / SP as ZeRO-1/2 do)
+            zero["reduce_scatter"] = False
     if (
         world_size * ds.sequence_parallel_size == 1  # the ranks ZeRO partitions over
         and ds.zero_stage is None

@@ -319,3 +319,6 @@ def test_one_data_parallel_rank_runs_stage_0_unless_told(capsys):
     assert zero(1, offload_optimizer=True)[0]["stage"] == 2  # offload still moves memory off the GPU
     assert zero(1, zero_stage=3)[0]["stage"] == 3
     assert zero(1, sequence_parallel_size=2)[0]["stage"] == 2  # one replica of 2 ranks: ZeRO partitions over both
+    # ZeRO-3's reduce-scatter path would average gradients over the sequence-parallel ranks too (1/SP of them)
+    assert zero(1, sequence_parallel_size=2, zero_stage=3)[0]["reduce_scatter"] is False
+    assert "reduce_scatter" not in zero(2, zero_stage=3)[0]
