@@ -6,12 +6,11 @@ rank's share of the tokens. SFT, DPO, the reward model and the PPO and GRPO upda
 Every rank of a sequence-parallel group trains on the same batch (the data-parallel rank is rank // SP). Targets are
 shifted before the sequence is cut, so a shard's last position still predicts the next shard's first token. A loss
 that is a sum over tokens (SFT) is each rank's shard's sum; a loss of whole-sequence quantities (DPO's sequence
-log-probs, a reward model's last-token score, GRPO's objective) sums each rank's part over the group
+log-probs, a reward model's last-token score, the PPO/GRPO objectives' means) sums each rank's part over the group
 (`sum_over_shards`), every rank then holding the group's loss, of which it backpropagates 1/SP (the sums' backward
 adds the gradients over the group). DeepSpeed sums the gradients over the group and averages them over the
-data-parallel replicas. Ulysses drops the attention mask (attention is causal over
-the position ids), so batches must be right-padded; in eval mode (`disable_in_eval`) attention is the model's own and
-the stages run whole sequences.
+data-parallel replicas. Ulysses drops the attention mask (attention is causal over the position ids), so batches
+must be right-padded. In eval mode attention is the model's own, mask included, and the stages run whole sequences.
 """
 
 from __future__ import annotations
