@@ -1,14 +1,15 @@
 """Run by test_sequence.py on 2 ranks (torchrun): GRPO's and PPO's losses and gradients with sequence parallelism 2
 (each rank its shard of every sequence, Ulysses attention, partial sums over the shards) against the same update on
 whole sequences (eval mode: the model's own attention), for every ratio level, aggregation and advantage shape;
-eval mode untouched by Ulysses (left padding); `gather`'s rows. Exits non-zero on the first mismatch."""
+eval mode untouched by Ulysses (left padding); a Qwen2 model too; `gather`'s rows. Exits non-zero on the first
+mismatch."""
 
 from __future__ import annotations
 
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from distributed_pt import dist
 from distributed_pt.config import load_config
@@ -85,6 +86,21 @@ def main() -> None:
     (got_grad,) = torch.autograd.grad(got / 2, values)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg="ppo value loss")
     torch.testing.assert_close(dist.all_reduce_sum(got_grad), want_grad, rtol=1e-5, atol=1e-7)
+
+    # Qwen2 (biased q/k/v projections, GQA) through the same Ulysses attention: the GRPO objective again
+    qwen = Backbone(Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                                 attn_implementation="sdpa")))  # fmt: skip
+    qwen.eval()
+    logp = token_logprobs(qwen, ids, attn, 1.0, False)[0]
+    old = logp.detach() + noise
+    want, _ = grpo_loss(logp, old, adv, mask, "grpo", 0.2, 0.28)
+    want_grads = grads(want, qwen)
+    qwen.train()
+    logp = token_logprobs(qwen, temperature=1.0, fused=False, **cut.inputs(ids, attn))[0]
+    got, _ = grpo_loss(logp, cut(old), cut(adv), cut(mask), "grpo", 0.2, 0.28, reduce=cut.reduce)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg="qwen2 loss")
+    torch.testing.assert_close(dist.all_reduce_sum(grads(got / 2, qwen)), want_grads, rtol=1e-4, atol=1e-6)
 
     mine = torch.full((1 + dist.rank(), 2 + dist.rank()), float(dist.rank() + 1))  # uneven rows and widths
     rows, none = sequence.gather(mine, None)

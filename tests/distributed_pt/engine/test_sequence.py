@@ -106,8 +106,8 @@ def test_dpo_and_rm_train_exactly_as_one_rank(tmp_path, sft_zero2_run, stage):
 def test_rl_updates_on_shards_equal_whole_sequences():
     """2 ranks (torchrun): the GRPO objective's loss, statistics and summed gradients from each rank's shard equal
     those of whole sequences, for token/sequence/sequence_token ratios, grpo/dr_grpo/dapo aggregation and both
-    advantage shapes; PPO's policy loss (importance-weighted) and value loss likewise; `gather` joins uneven rows
-    (sp_update_worker.py)."""
+    advantage shapes; PPO's policy loss (importance-weighted) and value loss likewise; a Qwen2 model too; `gather`
+    joins uneven rows (sp_update_worker.py)."""
     import subprocess
     import sys
 
