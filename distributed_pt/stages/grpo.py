@@ -197,7 +197,8 @@ def update(policy: Policy, s: Samples, total: torch.Tensor, cfg: GRPOConfig, ste
             check_finite(loss, step + 1)
             actor.backward(loss / cut.sp)  # each shard's 1/SP (engine.sequence)
             actor.step()
-            totals.update(stats | {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), m).item()})
+            ent = masked_mean(entropy.detach(), m, reduce=cut.reduce)  # the whole sequences' (one all-reduce under SP)
+            totals.update(stats | {"loss": loss.item(), "entropy": ent.item()})
             n += 1
     adv_stats = advantages if token_adv else advantages.unsqueeze(1).expand_as(mask)
     totals_mean = {k: v / n for k, v in totals.items()}
