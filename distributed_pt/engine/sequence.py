@@ -10,7 +10,9 @@ log-probs, a reward model's last-token score, the PPO/GRPO objectives' means) su
 (`sum_over_shards`), every rank then holding the group's loss, of which it backpropagates 1/SP (the sums' backward
 adds the gradients over the group). DeepSpeed sums the gradients over the group and averages them over the
 data-parallel replicas. Ulysses drops the attention mask (attention is causal over the position ids), so batches
-must be right-padded. In eval mode attention is the model's own, mask included, and the stages run whole sequences.
+must be right-padded. Packed rows (SFT, DPO, RM) keep their samples apart through their position ids, restarting at
+each sample and gathered by DeepSpeed: flash attention reads them (variable length), sdpa gets a mask built from them.
+In eval mode attention is the model's own, mask included, and the stages run whole sequences.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ def data_parallel(cfg: Any) -> tuple[int, int]:
     return dist.rank() // sp, dist.world_size() // sp
 
 
-def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
+def setup(model: nn.Module, cfg: Any, rows: int = 1, packing: bool = False) -> Any | None:
     """Check the settings and route the model's attention through Ulysses (collective: makes the process groups);
-    `rows`: sequences per training example (a preference pair's 2). Returns the groups object (`mpu`)
-    `deepspeed.initialize` takes, or None without sequence parallelism."""
+    `rows`: sequences per training example (a preference pair's 2); `packing`: the training rows are packed (each
+    then one row). Returns the groups object (`mpu`) `deepspeed.initialize` takes, or None without sequence
+    parallelism."""
     sp, world = cfg.deepspeed.sequence_parallel_size, dist.world_size()
     if sp < 1:
         raise ConfigError(f"deepspeed.sequence_parallel_size must be >= 1, got {sp}")
@@ -53,7 +56,7 @@ def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
         (heads % sp, f"must divide the attention heads ({heads})"),
         (kv_heads % sp and sp % kv_heads, f"and the key/value heads ({kv_heads}) must divide it or be divisible by it"),
         (attn == "eager", "needs model.attn_implementation sdpa or flash attention, not eager"),
-        (cfg.data.packing, "does not support data.packing yet"),
+        (packing and attn == "flex_attention", "packs rows (data.packing) with sdpa or flash attention only"),
         (world % sp, f"must divide the world size ({world} ranks)"),
     ]
     for bad, why in problems:
@@ -64,8 +67,16 @@ def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
 
     global _GROUP
     own = ALL_ATTENTION_FUNCTIONS[attn]
+    if packing and attn == "sdpa":  # the core attention DeepSpeed calls on whole rows
+        ALL_ATTENTION_FUNCTIONS[attn] = within_samples(own)
+        dist.print0("packed rows under sequence parallelism on sdpa: a (T, T) mask per row (flash attention: none)")
     mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model, attn, sp, rows * cfg.train.micro_batch_size, seq_length_is_variable=True, disable_in_eval=True
+        model,
+        attn,
+        sp,
+        (1 if packing else rows) * cfg.train.micro_batch_size,
+        seq_length_is_variable=True,
+        disable_in_eval=True,
     )
     ulysses = ALL_ATTENTION_FUNCTIONS[attn]
 
@@ -77,6 +88,20 @@ def setup(model: nn.Module, cfg: Any, rows: int = 1) -> Any | None:
     ALL_ATTENTION_FUNCTIONS[attn] = attention
     _GROUP = mpu.get_sequence_parallel_group()
     return mpu
+
+
+def within_samples(attention: Callable) -> Callable:
+    """sdpa for packed rows under Ulysses, which drops the mask and hands the core attention the whole rows' position
+    ids: attention causal within each sample (the position ids restart at 0 for each, padding included)."""
+
+    def core(
+        module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        sample = (kwargs["position_ids"] == 0).cumsum(1)
+        mask = (sample[:, :, None] == sample[:, None, :]).tril()[:, None]  # (B, 1, T, T)
+        return attention(module, query, key, value, mask, *args, **kwargs)
+
+    return core
 
 
 def split(x: torch.Tensor, sp: int, sp_rank: int, fill: float | bool, length: int | None = None) -> torch.Tensor:
@@ -105,17 +130,22 @@ class Shard:
         return cls(sp, dist.rank() % sp)
 
     def inputs(
-        self, ids: torch.Tensor, attention_mask: torch.Tensor, targets: bool = True
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        targets: bool = True,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """`rl.logprobs.token_logprobs`' keyword inputs: tokens, mask, positions and each position's next token
-        (`targets`; without them, `models.heads.token_scores`'). The columns added to reach a multiple of SP hold
-        token 0: causal attention never lets them reach a real token."""
+        (`targets`; without them, `models.heads.token_scores`'). Packed rows: no mask, their `position_ids`. The
+        columns added to reach a multiple of SP hold token 0 at position 0: causal attention never lets them reach a
+        real token."""
         if self.sp == 1:
-            return {"input_ids": ids, "attention_mask": attention_mask}
+            return {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids}
         return {
             "input_ids": split(ids, self.sp, self.rank, 0),
-            "attention_mask": split(attention_mask, self.sp, self.rank, 0),
-            "position_ids": positions(ids, self.sp, self.rank),
+            "attention_mask": None if attention_mask is None else split(attention_mask, self.sp, self.rank, 0),
+            "position_ids": positions(ids, self.sp, self.rank, position_ids),
         } | ({"targets": self(ids[:, 1:], 0)} if targets else {})
 
     def scored(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +178,11 @@ def gather(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return out
 
 
-def positions(ids: torch.Tensor, sp: int, sp_rank: int) -> torch.Tensor:
-    """This rank's share of the position ids 0, 1, ... of right-padded rows `ids` (B, T), padding included."""
+def positions(ids: torch.Tensor, sp: int, sp_rank: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the position ids of rows `ids` (B, T): packed rows' own `position_ids`, else 0, 1, ...
+    (right-padded rows, padding included)."""
+    if position_ids is not None:
+        return split(position_ids, sp, sp_rank, 0)
     width = -(-ids.size(1) // sp)
     return torch.arange(sp_rank * width, (sp_rank + 1) * width, device=ids.device).expand(ids.size(0), -1)
 
@@ -165,26 +198,37 @@ def sum_over_shards(local: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards(
-    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, sp: int
+    model: nn.Module,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pad_id: int,
+    sp: int,
+    position_ids: torch.Tensor | None = None,
+    at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B,) scalar-head scores at each right-padded row's last real token (`models.heads.sequence_rewards`), this rank
-    computing its shard's scores; the rank holding a row's last token gives its score to the group."""
+    """(N,) scalar-head scores at `at` ((N, 2): row and position; default: each right-padded row's last real token,
+    as `models.heads.sequence_rewards`), this rank computing its shard's scores; the rank holding a position gives its
+    score to the group. Packed rows: their `position_ids`, the rewards' `at`."""
     r = dist.rank() % sp
-    scores = token_scores(model, split(ids, sp, r, pad_id), split(attention_mask, sp, r, 0), positions(ids, sp, r))
-    at = last_token_index(attention_mask) - r * scores.size(1)
-    mine = (at >= 0) & (at < scores.size(1))
-    return sum_over_shards(scores.gather(1, at.clamp(0, scores.size(1) - 1)[:, None]).squeeze(1) * mine)
+    mask = None if position_ids is not None else split(attention_mask, sp, r, 0)
+    scores = token_scores(model, split(ids, sp, r, pad_id), mask, positions(ids, sp, r, position_ids))
+    if at is None:
+        at = torch.stack([torch.arange(ids.size(0), device=ids.device), last_token_index(attention_mask)], 1)
+    width = scores.size(1)
+    col = at[:, 1] - r * width
+    mine = (col >= 0) & (col < width)
+    return sum_over_shards(scores[at[:, 0], col.clamp(0, width - 1)] * mine)
 
 
 def shard(batch: Batch, sp: int, sp_rank: int, pad_id: int) -> Batch:
-    """This rank's share of a (right-padded) batch's sequence: tokens, their positions and their already-shifted
-    targets, the length padded up to a multiple of SP first."""
+    """This rank's share of a (right-padded or packed) batch's sequence: tokens, their positions and their
+    already-shifted targets, the length padded up to a multiple of SP first."""
     ids = batch.input_ids
     return replace(
         batch,
         input_ids=split(ids, sp, sp_rank, pad_id),
         attention_mask=split(batch.attention_mask, sp, sp_rank, 0),
         labels=split(batch.labels[:, 1:], sp, sp_rank, IGNORE_INDEX, ids.size(1)),
-        position_ids=positions(ids, sp, sp_rank),
+        position_ids=positions(ids, sp, sp_rank, batch.position_ids),
         shifted=True,
     )

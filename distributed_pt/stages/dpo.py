@@ -89,7 +89,7 @@ class Policy:
                                   batch.position_ids)[0]  # fmt: skip
             return segment_sums(logp, response, segment, n), segment_sums(torch.ones_like(logp), response, segment, n)
         cut = sequence.Shard.of(self.cfg)
-        inputs = cut.inputs(batch.input_ids, batch.attention_mask)
+        inputs = cut.inputs(batch.input_ids, batch.model_mask, position_ids=batch.position_ids)
         logp = token_logprobs(self.engine, temperature=1.0, fused=self.fused, **inputs)[0]
         keep, seg = cut(response[:, 1:], False), cut(segment[:, 1:])
         sums = [segment_sums(v, keep, seg, n, shifted=True) for v in (logp, torch.ones_like(logp))]
@@ -137,7 +137,7 @@ def main(cfg: DPOConfig) -> dict:
         reference = frozen_engine(Backbone(frozen), stage_ds_config(cfg), offload=dpo.offload_reference)
     dist.print0(f"reference: {reference_kind(cfg)}")
 
-    mpu = sequence.setup(model, cfg, rows=2)  # None without sequence parallelism
+    mpu = sequence.setup(model, cfg, rows=2, packing=cfg.data.packing)  # None without sequence parallelism
     batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
     engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)

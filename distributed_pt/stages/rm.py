@@ -46,7 +46,7 @@ def main(cfg: RMConfig) -> dict:
     model = load_reward_model(cfg.model, tokenizer)
     make_trainable(model, cfg.lora, cfg.model.gradient_checkpointing)
 
-    mpu = sequence.setup(model, cfg, rows=2)  # None without sequence parallelism
+    mpu = sequence.setup(model, cfg, rows=2, packing=cfg.data.packing)  # None without sequence parallelism
     batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
     engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)
@@ -87,15 +87,19 @@ def pair_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Batch]:
     """Rewards of a micro batch: (chosen (P,), rejected (P,), margin (P,), the collated batch). `items` are pairs,
     or packed rows of pairs (lists), whose rewards are read at each side's last token; `sp`: sequence parallelism."""
+    sharded = sp > 1 and engine.module.training  # evaluation runs whole sequences (DeepSpeed's eval() sets the mode)
     if items and isinstance(items[0], list):
         batch, chosen_at, rejected_at, margin = collate_packed_pairs(items, pad_id)
-        b = batch.to(engine.device)
-        scores = token_scores(engine, b.input_ids, None, b.position_ids)
-        chosen, rejected = (scores[at[:, 0], at[:, 1]] for at in (chosen_at, rejected_at))
+        b, at = batch.to(engine.device), torch.cat([chosen_at, rejected_at]).to(engine.device)
+        if sharded:
+            scores = sequence.sequence_rewards(engine, b.input_ids, b.attention_mask, pad_id, sp, b.position_ids, at)
+        else:
+            scores = token_scores(engine, b.input_ids, None, b.position_ids)[at[:, 0], at[:, 1]]
+        chosen, rejected = scores.chunk(2)
         return chosen, rejected, margin, batch
     ids, mask, margin = collate_pairs(items, pad_id)
     on = ids.to(engine.device), mask.to(engine.device)
-    if sp > 1 and engine.module.training:  # evaluation runs whole sequences (DeepSpeed's eval() sets module's mode)
+    if sharded:
         chosen, rejected = sequence.sequence_rewards(engine, *on, pad_id, sp).chunk(2)
     else:
         chosen, rejected = sequence_rewards(engine, *on).chunk(2)

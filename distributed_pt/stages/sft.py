@@ -47,7 +47,7 @@ def main(cfg: SFTConfig) -> dict:
     fused = use_fused_loss(cfg.loss.fused, model)
     dist.print0(f"loss: {'fused LM-head cross-entropy (Triton)' if fused else 'logits + torch cross-entropy'}")
 
-    mpu = sequence.setup(model, cfg)  # None without sequence parallelism
+    mpu = sequence.setup(model, cfg, packing=cfg.data.packing)  # None without sequence parallelism
     batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, *sequence.data_parallel(cfg), cfg.train.seed)
     total_steps = cfg.train.total_steps(batches.per_epoch, cfg.train.gradient_accumulation_steps)
     engine = initialize(Backbone(model), stage_ds_config(cfg), cfg.optim, total_steps, mpu)

@@ -4,12 +4,14 @@ settings are errors naming the key."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from distributed_pt.config import load_config
 from distributed_pt.data.collate import Batch
-from distributed_pt.engine.sequence import Shard, setup, shard, split
+from distributed_pt.engine.sequence import Shard, setup, shard, split, within_samples
 from distributed_pt.models.heads import shift_labels
 from tests.conftest import DEMO, RM_CONFIG, ROOT, TINY_SFT, read_metrics, run_launcher
 
@@ -32,13 +34,23 @@ def test_shards_cover_the_sequence_with_shifted_targets():
     assert Shard(2, 1)(ids[:, 1:].float(), -1.0).tolist() == [[6.0, 7.0, -1.0, -1.0]]  # per-position values
     assert Shard(1, 0)(ids) is ids and Shard(1, 0).reduce is None
     assert [split(ids[:, :6], 3, r, -1).tolist() for r in (0, 1, 2)] == [[[1, 2]], [[3, 4]], [[5, 6]]]
+    # packed rows keep their own position ids (restarting per sample); the added column starts a segment of its own
+    packed = replace(batch, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))
+    assert [shard(packed, 2, r, 0).position_ids.tolist() for r in (0, 1)] == [[[0, 1, 2, 0]], [[1, 2, 3, 0]]]
+
+
+def test_sdpa_on_packed_rows_attends_within_samples():
+    seen = {}
+    core = within_samples(lambda module, q, k, v, mask, **kw: seen.setdefault("mask", mask))
+    core(None, None, None, None, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    blocks = torch.block_diag(torch.ones(3, 3), torch.ones(2, 2), torch.ones(1, 1)).tril().bool()
+    assert torch.equal(seen["mask"], blocks[None, None])
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         ("deepspeed.sequence_parallel_size=3", "must divide the attention heads"),
-        ("data.packing=true", "does not support data.packing"),
         ("model.dtype=fp32", "must divide the world size"),  # one process, 2 shards
     ],
 )
@@ -52,6 +64,9 @@ def test_bad_settings_name_the_key(override, message):
     with pytest.raises(Exception, match=message) as err:
         setup(model, cfg)
     assert "deepspeed.sequence_parallel_size" in str(err.value)
+    model.config._attn_implementation = "flex_attention"  # DeepSpeed's flex path rebuilds a plain causal mask
+    with pytest.raises(Exception, match="packs rows"):
+        setup(model, load_config(CONFIG, ["deepspeed.sequence_parallel_size=2"]), packing=True)
 
 
 STEPS = ["train.max_steps=4", "train.eval_every=4", "eval.num_generate=0", "checkpoint.save_every=0",
@@ -72,8 +87,8 @@ def _same_steps(one, two, steps: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [["deepspeed.zero_stage=3", "lora.enabled=true", "optim.lr=1e-2"]],
-    ids=["zero3-lora"],  # ZeRO-0, ZeRO-2 and full ZeRO-3 pass too (checked by hand: ~1.5 min of suite each)
+    [["deepspeed.zero_stage=3", "lora.enabled=true", "optim.lr=1e-2"], ["data.packing=true", "data.max_length=96"]],
+    ids=["zero3-lora", "packed"],  # ZeRO-0, ZeRO-2 and full ZeRO-3 pass too (checked by hand: ~1.5 min of suite each)
 )
 def test_two_shards_train_exactly_as_one_rank(tmp_path, extra):
     one, two = tmp_path / "sp1", tmp_path / "sp2"
@@ -103,11 +118,12 @@ def test_dpo_and_rm_train_exactly_as_one_rank(tmp_path, sft_zero2_run, stage):
     _same_steps(one, two, 3)
 
 
-def test_rl_updates_on_shards_equal_whole_sequences():
+@pytest.mark.parametrize("mode", ["", "packed"])
+def test_shards_equal_whole_sequences(mode):
     """2 ranks (torchrun): the GRPO objective's loss, statistics and summed gradients from each rank's shard equal
     those of whole sequences, for token/sequence/sequence_token ratios, grpo/dr_grpo/dapo aggregation and both
     advantage shapes; PPO's policy loss (importance-weighted) and value loss likewise; a Qwen2 model too; `gather`
-    joins uneven rows (sp_update_worker.py)."""
+    joins uneven rows. `packed`: packed rows' log-probs, gradients and rewards (sp_update_worker.py)."""
     import subprocess
     import sys
 
@@ -115,7 +131,7 @@ def test_rl_updates_on_shards_equal_whole_sequences():
 
     worker = ROOT / "tests" / "distributed_pt" / "engine" / "sp_update_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(worker), str(ROOT / "configs" / "grpo_tiny.yaml")]  # fmt: skip
+           str(worker), str(ROOT / "configs" / "grpo_tiny.yaml"), *([mode] if mode else [])]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout
