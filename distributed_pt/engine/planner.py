@@ -37,6 +37,7 @@ seq 2048, 17 cases), which the planner then matches within 15% (tests/distribute
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -335,9 +336,18 @@ def make_plan(cfg: Any, hw: Hardware) -> Plan:
     offloaded = main.layers * tokens * main.hidden * b if cfg.model.offload_activations else 0.0  # the checkpoints
     if offloaded:
         host["activation checkpoints"] = offloaded
+    # packed rows on sdpa under SP: the within-sample mask (bool, and sdpa's additive copy) over whole rows
+    attn = cfg.model.attn_implementation
+    sdpa = attn == "sdpa" or attn == "auto" and importlib.util.find_spec("flash_attn") is None
+    mask = mb * seq**2 * (1 + b) if sp > 1 and cfg.data.packing and sdpa else 0.0
+    if mask:
+        notes.append(
+            f"packed rows on sdpa: a (T, T) attention mask per row, {mask / GiB:.2f} GiB (flash attention: none)"
+        )
     phases = {
         "activations + logits": activations(main, tokens, ckpt, b, sp, cfg.model.tiled_mlp)
         - offloaded
+        + mask
         + (0.0 if fused or scalar else LOGIT_BYTES[z.stage] * tokens * main.vocab),
         "optimizer step (fp32 gradients)": 0.0
         if z.offload_optimizer

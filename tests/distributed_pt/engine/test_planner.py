@@ -229,6 +229,10 @@ def test_sequence_parallelism_divides_the_activations_not_the_model_states():
     checkpoints = 32 * local * 4096 * 2  # each layer's input, bf16
     assert host.host["activation checkpoints"] == checkpoints
     assert host.total < eight.total and "optimizer step (fp32 gradients)" in host.items  # activations no longer peak
+    packed = make_plan(_long(8, "data.packing=true", "model.attn_implementation=sdpa"), NODE)  # a (T, T) mask a row
+    mask = 65536**2 * (1 + 2)  # bool, and sdpa's bf16 additive copy
+    assert packed.items["activations + logits"] - eight.items["activations + logits"] == mask
+    assert make_plan(_long(8, "data.packing=true"), NODE).total == eight.total  # flash attention: no mask
     with pytest.raises(Exception, match="sequence_parallel_size=3"):
         make_plan(_long(3), NODE)  # divides neither the 8 GPUs nor the 32 heads
     with pytest.raises(Exception, match="sequence_parallel_size=2"):
