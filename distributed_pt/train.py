@@ -23,6 +23,31 @@ def _offline_defaults() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _keep_freed_memory() -> None:
+    """Off GPU, tensors live in glibc's heap, which by default hands freed blocks back to the OS: every step's new
+    gradients are then page-faulted in afresh (a 25M-parameter model's backward on CPU: 11k faults a step, ~44 MiB,
+    ~10% of the step; TRL's process happened to keep them). Keep freed memory in the process instead: blocks up to
+    32 MiB from the heap, its free top returned only past 1 GiB (the peak is unchanged). Left alone on a GPU, where
+    the CUDA allocator caches, and when the user set glibc's MALLOC_* variables or preloads another allocator."""
+    import ctypes
+    import ctypes.util
+
+    import torch
+
+    if torch.cuda.is_available() or "LD_PRELOAD" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not name:
+        return
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def _epilog() -> str:
     """The stages (from the one registry), each with its config sections and a bundled example."""
     import dataclasses
@@ -50,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by `deepspeed`
     args = parser.parse_args(argv)
     _offline_defaults()
+    _keep_freed_memory()
 
     from distributed_pt.checkpoint import CheckpointError
     from distributed_pt.config import STAGES, ConfigError, load_config

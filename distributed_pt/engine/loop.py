@@ -174,6 +174,7 @@ def write_config(cfg: Any, out: Path) -> None:
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
+        v = list(v) if isinstance(v, tuple) else v  # as YAML writes it (optim.betas)
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "init_config" else {f"{prefix}{k}": v})
     return out
 

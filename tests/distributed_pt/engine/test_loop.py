@@ -58,3 +58,16 @@ def test_a_step_on_disk_is_not_written_again(monkeypatch):
     state.step = 4
     loop.save(None, cfg, state)
     assert written == [3, 4]
+
+
+def test_a_resumed_run_says_only_what_changed_in_its_config(tmp_path, capsys):
+    from distributed_pt.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [])
+    loop.write_config(cfg, tmp_path)
+    loop.write_config(cfg, tmp_path)  # the same config (tuples such as optim.betas come back from YAML as lists)
+    assert "config changed" not in capsys.readouterr().out
+    loop.write_config(load_config(ROOT / "configs" / "sft_tiny.yaml", ["optim.lr=0.5"]), tmp_path)
+    out = capsys.readouterr().out
+    assert "config changed" in out and "optim.lr:" in out and "0.5" in out and "betas" not in out
