@@ -7,8 +7,9 @@ lr schedule and weight decay) and gradient checkpointing (off on both), one proc
     python -m benchmarks.bench_trl --cpu --sizes demo --steps 8 --repeats 1   # a quick look
 
 Per run: real (non-padding) tokens per second over the steps after the first logging window, and the process's peak
-RSS (CPU) or peak allocated memory (GPU); the median of the repeats. Each side counts its own tokens: ours the
-attention mask of the batches it trained (`tokens_per_s` in metrics.jsonl), TRL's its `num_tokens` log. Records:
+RSS (CPU) or peak allocated memory (GPU); the median of the repeats, which alternate ours and TRL's. Each side counts
+its own tokens: ours the attention mask of the batches it trained (`tokens_per_s` in metrics.jsonl), TRL's its
+`num_tokens` log. Records:
 `bench_trl_<device>.{json,md,png}`, with the ratios ours/TRL (tokens/s: higher is better; memory: lower is better).
 Timings on a shared 2-core CPU move by ±10% between runs: compare the ratios of one run.
 """
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="demo,25m")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -151,11 +152,14 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes.split(","):
             model = save_model(size, Path(tmp))
             case = {"model": size, "batch": SETTINGS["micro_batch_size"], "max_length": SETTINGS["max_length"]}
-            for name, run in (("ours", run_ours), ("trl", run_trl)):
-                results = [run(model, Path(tmp) / f"{size}-{name}-{i}", args.steps, args.log_every)
-                           for i in range(args.repeats)]  # fmt: skip
-                tokens = statistics.median(r[0] for r in results)
-                peak = statistics.median(r[1] for r in results)
+            runs = {"ours": run_ours, "trl": run_trl}
+            results: dict[str, list] = {name: [] for name in runs}
+            for i in range(args.repeats):  # interleaved, so a drift of the machine's speed falls on both sides
+                for name, run in runs.items():
+                    results[name].append(run(model, Path(tmp) / f"{size}-{name}-{i}", args.steps, args.log_every))
+            for name in runs:
+                tokens = statistics.median(r[0] for r in results[name])
+                peak = statistics.median(r[1] for r in results[name])
                 print(f"{size} {name}: {tokens:.0f} real tokens/s, peak {peak:.3f} GiB", flush=True)
                 records.append(make_record(bench, case, name, "tokens_per_s", tokens, "tokens/s"))
                 records.append(make_record(bench, case, name, "peak_mem", peak, "GiB"))
