@@ -82,18 +82,16 @@ class Policy:
         self, batch: Batch, response: torch.Tensor, segment: torch.Tensor, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n,) the policy's sequence log-probs and response lengths. Training with sequence parallelism: each rank
-        sums over its shard of the sequences and the group adds the parts (`engine.sequence`)."""
-        sp = self.cfg.deepspeed.sequence_parallel_size
-        if sp == 1 or not self.engine.module.training:  # evaluation runs whole sequences
-            logp = token_logprobs(self.engine, batch.input_ids, batch.model_mask, 1.0, self.fused,
-                                  batch.position_ids)[0]  # fmt: skip
-            return segment_sums(logp, response, segment, n), segment_sums(torch.ones_like(logp), response, segment, n)
-        cut = sequence.Shard.of(self.cfg)
+        sums over its shard of the sequences and the group adds the parts (`engine.sequence`); evaluation runs whole
+        sequences."""
+        cut = sequence.Shard.of(self.cfg) if self.engine.module.training else sequence.Shard(1, 0)
         inputs = cut.inputs(batch.input_ids, batch.model_mask, position_ids=batch.position_ids)
         logp = token_logprobs(self.engine, temperature=1.0, fused=self.fused, **inputs)[0]
         keep, seg = cut(response[:, 1:], False), cut(segment[:, 1:])
         sums = [segment_sums(v, keep, seg, n, shifted=True) for v in (logp, torch.ones_like(logp))]
-        return sequence.sum_over_shards(sums[0]), sequence.sum_over_shards(sums[1]).detach()
+        if cut.reduce is not None:
+            sums = [cut.reduce(x) for x in sums]
+        return sums[0], sums[1].detach()
 
     @torch.no_grad()
     def reference_logps(
