@@ -224,9 +224,9 @@ def test_lora_zero3_two_ranks_adapter_loads_in_peft(tmp_path, zero3_partitioned)
 
 
 def test_one_step_is_the_same_however_its_examples_are_split(tmp_path):
-    """8 examples as 1 micro batch of 8, as 4 accumulated micro batches of 2, and as 2 ranks x 4 give the same update:
-    the loss is normalised over the step's response tokens. Adam with eps >> |g| (and lr = eps) steps by the gradient
-    itself, so a wrong scale shows, not only a wrong direction."""
+    """8 examples as 1 micro batch of 8, as 4 accumulated micro batches of 2, and as 2 ranks x 4 (ZeRO-2 and stage 0)
+    give the same update: the loss is normalised over the step's response tokens. Adam with eps >> |g| (and lr = eps)
+    steps by the gradient itself, so a wrong scale shows, not only a wrong direction."""
     from safetensors.torch import load_file
 
     data = tmp_path / "eight.jsonl"
@@ -239,6 +239,7 @@ def test_one_step_is_the_same_however_its_examples_are_split(tmp_path):
         "1x8": (["optim.lr=100", "train.micro_batch_size=8"], 1),
         "4x2": (["optim.lr=100", "train.micro_batch_size=2", "train.gradient_accumulation_steps=4"], 1),
         "2 ranks x4": (["optim.lr=100", "train.micro_batch_size=4"], 2),
+        "2 ranks x4 stage 0": (["optim.lr=100", "train.micro_batch_size=4", "deepspeed.zero_stage=0"], 2),
     }
     params = {}
     for name, (overrides, nproc) in runs.items():
@@ -247,7 +248,7 @@ def test_one_step_is_the_same_however_its_examples_are_split(tmp_path):
         params[name] = load_file(out / "final" / "model.safetensors")
     delta = {k: {n: p - params["init"][n] for n, p in v.items()} for k, v in params.items() if k != "init"}
     assert max(d.abs().max().item() for d in delta["1x8"].values()) > 1e-3, "the step must move the weights"
-    for name in ("4x2", "2 ranks x4"):
+    for name in ("4x2", "2 ranks x4", "2 ranks x4 stage 0"):  # (stage 0: DeepSpeed's all-reduce, not ZeRO's)
         for n, p in params[name].items():
             torch.testing.assert_close(p, params["1x8"][n], rtol=1e-6, atol=1e-7, msg=f"{name}: {n}")
             torch.testing.assert_close(delta[name][n], delta["1x8"][n], rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
