@@ -10,7 +10,8 @@ pass, two optimizer steps of 64 completions per rollout), constant lr, one proce
 Per run: seconds per rollout-and-update cycle (128 completions: our step; two TRL optimizer steps sharing one
 generation), the median over the cycles after the first two, and the completions' mean length (random weights stop at
 EOS at random: the two sides' work is equal only on average), then completions per second; peak RSS (CPU) or peak
-allocated memory (GPU). Records `bench_trl_grpo_<device>.{json,md,png}` with the ratios ours/TRL.
+allocated memory (GPU); the repeats alternate ours and TRL's. Records `bench_trl_grpo_<device>.{json,md,png}` with
+the ratios ours/TRL.
 """
 
 from __future__ import annotations
@@ -144,9 +145,13 @@ def main(argv: list[str] | None = None) -> Path:
             model = save_model(size, Path(tmp))
             case = {"model": size, "completions": SETTINGS["prompts"] * SETTINGS["generations"],
                     "new_tokens": SETTINGS["new_tokens"]}  # fmt: skip
-            for name, run in (("ours", run_ours), ("trl", run_trl)):
-                runs = [run(model, Path(tmp) / f"{size}-{name}-{i}", args.steps) for i in range(args.repeats)]
-                result = {k: statistics.median(r[k] for r in runs) for k in UNITS}
+            sides = {"ours": run_ours, "trl": run_trl}
+            runs: dict[str, list] = {name: [] for name in sides}
+            for i in range(args.repeats):  # interleaved, as bench_trl's
+                for name, run in sides.items():
+                    runs[name].append(run(model, Path(tmp) / f"{size}-{name}-{i}", args.steps))
+            for name in sides:
+                result = {k: statistics.median(r[k] for r in runs[name]) for k in UNITS}
                 print(f"{size} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
                 records += [make_record(bench, case, name, k, v, UNITS[k]) for k, v in result.items()]
     return save_results(bench, with_ratios(records), args.out)
