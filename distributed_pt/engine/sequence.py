@@ -201,7 +201,6 @@ def sequence_rewards(
     model: nn.Module,
     ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    pad_id: int,
     sp: int,
     position_ids: torch.Tensor | None = None,
     at: torch.Tensor | None = None,
@@ -209,13 +208,13 @@ def sequence_rewards(
     """(N,) scalar-head scores at `at` ((N, 2): row and position; default: each right-padded row's last real token,
     as `models.heads.sequence_rewards`), this rank computing its shard's scores; the rank holding a position gives its
     score to the group. Packed rows: their `position_ids`, the rewards' `at`."""
-    r = dist.rank() % sp
-    mask = None if position_ids is not None else split(attention_mask, sp, r, 0)
-    scores = token_scores(model, split(ids, sp, r, pad_id), mask, positions(ids, sp, r, position_ids))
+    cut = Shard(sp, dist.rank() % sp)
+    mask = None if position_ids is not None else attention_mask
+    scores = token_scores(model, **cut.inputs(ids, mask, targets=False, position_ids=position_ids))
     if at is None:
         at = torch.stack([torch.arange(ids.size(0), device=ids.device), last_token_index(attention_mask)], 1)
     width = scores.size(1)
-    col = at[:, 1] - r * width
+    col = at[:, 1] - cut.rank * width
     mine = (col >= 0) & (col < width)
     return sum_over_shards(scores[at[:, 0], col.clamp(0, width - 1)] * mine)
 

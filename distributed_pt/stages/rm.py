@@ -92,7 +92,7 @@ def pair_rewards(
         batch, chosen_at, rejected_at, margin = collate_packed_pairs(items, pad_id)
         b, at = batch.to(engine.device), torch.cat([chosen_at, rejected_at]).to(engine.device)
         if sharded:
-            scores = sequence.sequence_rewards(engine, b.input_ids, b.attention_mask, pad_id, sp, b.position_ids, at)
+            scores = sequence.sequence_rewards(engine, b.input_ids, b.attention_mask, sp, b.position_ids, at)
         else:
             scores = token_scores(engine, b.input_ids, None, b.position_ids)[at[:, 0], at[:, 1]]
         chosen, rejected = scores.chunk(2)
@@ -100,7 +100,7 @@ def pair_rewards(
     ids, mask, margin = collate_pairs(items, pad_id)
     on = ids.to(engine.device), mask.to(engine.device)
     if sharded:
-        chosen, rejected = sequence.sequence_rewards(engine, *on, pad_id, sp).chunk(2)
+        chosen, rejected = sequence.sequence_rewards(engine, *on, sp).chunk(2)
     else:
         chosen, rejected = sequence_rewards(engine, *on).chunk(2)
     return chosen, rejected, margin, Batch(ids, mask, ids)

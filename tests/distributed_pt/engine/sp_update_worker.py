@@ -55,12 +55,12 @@ def packed(cfg, config: LlamaConfig) -> None:
     rm.eval()
     want = token_scores(rm, ids, None, pos)[at[:, 0], at[:, 1]]
     rm.train()
-    got = sequence.sequence_rewards(rm, ids, torch.ones_like(ids), 0, 2, pos, at)
+    got = sequence.sequence_rewards(rm, ids, torch.ones_like(ids), 2, pos, at)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg="packed rewards")
     # each sample sees only itself: changing the first sample of row 0 leaves the rest of the row's scores alone
     other = ids.clone()
     other[0, :7] = torch.randint(1, 97, (7,))
-    moved = sequence.sequence_rewards(rm, other, torch.ones_like(ids), 0, 2, pos, at)
+    moved = sequence.sequence_rewards(rm, other, torch.ones_like(ids), 2, pos, at)
     assert moved[0] != got[0] and torch.equal(moved[1:], got[1:]), (moved, got)
 
 
