@@ -34,16 +34,14 @@ def _keep_freed_memory() -> None:
     GPU, where the CUDA allocator caches, and when the user set glibc's MALLOC_* variables or preloads another
     allocator."""
     import ctypes
-    import ctypes.util
 
     import torch
 
     if torch.cuda.is_available() or "LD_PRELOAD" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
         return
-    name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not name:
+    if not sys.platform.startswith("linux"):
         return
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the interpreter runs on
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
