@@ -78,7 +78,8 @@ def one_size(
     model.to(torch.bfloat16 if dtype == "bf16" else torch.float32).save_pretrained(path)
     cfg = load_config("configs/grpo_tiny.yaml", [
         f"model.path={path}", f"model.dtype={dtype}", "rollout.engine=vllm", f"rollout.max_model_len={max_len}",
-        "rollout.cpu_kv_cache_gib=1", "deepspeed.zero_stage=0", "optim.lr=1e-4", "optim.warmup_steps=0",
+        "rollout.cpu_kv_cache_gib=1", "rollout.enforce_eager=false",  # the compiled engine a long run uses
+        "deepspeed.zero_stage=0", "optim.lr=1e-4", "optim.warmup_steps=0",
         f"lora.enabled={lora != 'none'}",
     ])  # fmt: skip
     make_trainable(model, cfg.lora, False, name="actor")

@@ -63,6 +63,7 @@ class VLLMEngine:
             "distributed_executor_backend": "external_launcher",
             "tensor_parallel_size": self.tp,
             "max_model_len": max_len,
+            "enforce_eager": r.enforce_eager,
             "enable_prefix_caching": True,  # a GRPO group shares its prompt
             "logprobs_mode": "processed_logprobs",
         }
