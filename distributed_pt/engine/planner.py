@@ -54,7 +54,8 @@ ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 24, 4, 8
 # (2 * kv_dim), each once more as the collective's output.
 A2A_HIDDEN, A2A_KV = 4, 4
 SEQUENCE_PARALLEL_STAGES = ("sft", "dpo", "rm", "ppo", "grpo")
-# Bytes per token per vocabulary entry at the loss when logits are materialised (fitted: H100, bf16).
+# Bytes per token per vocabulary entry at the loss when logits are materialised (fitted: H100, bf16). Counted at every
+# token: the unfused SFT loss sends only the labelled positions through the head, so for it this is the worst case.
 LOGIT_BYTES = {0: 4.5, 1: 4.5, 2: 4.5, 3: 10.5}
 # ZeRO-3's gathered-parameter working set beyond its buckets, in bytes (fitted: H100).
 ZERO3_WORKING_SET = 0.15 * GiB

@@ -80,8 +80,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 def masked_token_mean(
     logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", shifted: bool = False
 ) -> torch.Tensor:
-    """Cross-entropy of logits (B, T, V) against labels (B, T; unshifted, or `shifted` already) over the non-ignored
-    targets (in float32): their mean (0, not NaN, when every target is ignored) or, with reduction="sum", their sum."""
+    """Cross-entropy of logits (B, T, V) against labels (B, T; unshifted, or `shifted` already; or (N, V) against
+    (N,) targets) over the non-ignored targets (in float32): their mean (0, not NaN, when every target is ignored) or,
+    with reduction="sum", their sum."""
     targets = (labels if shifted else shift_labels(labels)).reshape(-1)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
@@ -101,17 +102,20 @@ def lm_head_loss(
     their sum with reduction="sum".
 
     fused: the Triton LM-head kernel, no logits in memory (head must be a plain ``nn.Linear``).
+    Otherwise only the positions with a target reach the head: (N, V) logits rather than (B, T, V), so a prompt's and
+    the padding's positions cost no LM-head FLOPs or logits memory.
     shifted: `labels` already hold each position's target (a sequence-parallel shard, whose last position predicts the
     next shard's first token).
     """
+    targets = labels if shifted else shift_labels(labels)
     if fused:
         from distributed_pt_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
-            hidden, head.weight, labels if shifted else shift_labels(labels), bias=head.bias,
-            ignore_index=IGNORE_INDEX, reduction=reduction,
-        )  # fmt: skip
-    return masked_token_mean(head(hidden), labels, reduction, shifted)
+            hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE_INDEX, reduction=reduction
+        )
+    keep = targets != IGNORE_INDEX
+    return masked_token_mean(head(hidden[keep]), targets[keep], reduction, shifted=True)
 
 
 def lm_head_logprobs(

@@ -129,13 +129,29 @@ def _batch():
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_plain_loss_equals_the_hf_forward_logits(kind):
-    model = _model(kind)
+def test_plain_loss_and_grads_equal_the_hf_forward_logits(kind):
+    # The plain path sends only the labelled positions through the LM head; HF's logits cover every position.
+    model, reference = _model(kind).double(), _model(kind).double()
     ids, mask, labels = _batch()
-    expected = masked_token_mean(model(input_ids=ids, attention_mask=mask).logits, labels)
-    torch.testing.assert_close(
-        lm_loss(Backbone(model), Batch(ids, mask, labels), fused=False), expected, rtol=0, atol=0
-    )
+    loss = lm_loss(Backbone(model), Batch(ids, mask, labels), fused=False)
+    expected = masked_token_mean(reference(input_ids=ids, attention_mask=mask).logits, labels)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=0)
+    loss.backward()
+    expected.backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_loss_with_no_labelled_position_is_zero_with_zero_grads(reduction):
+    # e.g. a sequence-parallel shard that holds only prompt tokens: no row reaches the LM head
+    model = _model("llama")
+    ids, mask, labels = _batch()
+    loss = lm_loss(Backbone(model), Batch(ids, mask, torch.full_like(labels, I)), fused=False, reduction=reduction)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
