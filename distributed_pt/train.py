@@ -33,8 +33,8 @@ def _keep_freed_memory() -> None:
     blocks up to 32 MiB from the heap, its free top returned only past 1 GiB. A speed-for-memory trade where shapes
     vary between steps, since such blocks fragment the heap: a 25M model's GRPO run peaks at 2.3-2.8 GiB RSS (SFT: no
     change); with `MALLOC_MMAP_THRESHOLD_=4194304` at 1.85 GiB, its updates then 40% slower (4.6 vs 3.1-3.3 s) and its
-    generation 25%, faulting their tensors in afresh. Left alone on a GPU, where the CUDA allocator caches, and when the user set glibc's
-    MALLOC_* variables (that one, say) or preloads another allocator."""
+    generation 25%, faulting their tensors in afresh. Left alone on a GPU, where the CUDA allocator caches, and when
+    the user set glibc's MALLOC_* variables (that one, say) or preloads another allocator."""
     import ctypes
 
     import torch
